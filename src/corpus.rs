@@ -1,0 +1,1 @@
+//! Annotated report records and their JSONL form.

@@ -1,0 +1,1 @@
+//! Hierarchical synthetic data: scene templates, then detail injection.
