@@ -7,3 +7,5 @@ pub mod schema;
 pub mod stage;
 pub mod stages;
 pub mod synth;
+pub mod recipe;
+pub mod cache;

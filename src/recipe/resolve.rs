@@ -1,0 +1,638 @@
+//! From a parsed recipe to the stage instances that run: kinds looked up,
+//! params interpolated and type-checked, inputs bound, cycles rejected,
+//! variants expanded and shared.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use miette::NamedSource;
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde_json::Value;
+
+use super::error::{RecipeError, RecipeErrorKind as K, did_you_mean};
+use super::interpolate::Interpolator;
+use super::{ParsedRecipe, Resources, SpanIndex, StageDecl, parse, placed_serde_error};
+use crate::schema::EntitySchema;
+use crate::stage::{ParamIssue, StageKind, find_kind, registry};
+
+/// The variant every recipe has: its own params, unchanged.
+pub const DEFAULT_VARIANT: &str = "default";
+
+/// Settings that come from the command line rather than the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Folders outside the project that recipes may read (real data sets).
+    pub data_roots: Vec<PathBuf>,
+    /// Only expand these variants (all when empty). A matrix variant is
+    /// selected by its own name or by its base name.
+    pub variants: Vec<String>,
+}
+
+/// A recipe ready to plan and run.
+pub struct Recipe {
+    pub name: String,
+    /// Absolute path of the recipe file.
+    pub path: PathBuf,
+    /// The folder recipe paths must stay in: the nearest ancestor of the
+    /// recipe holding `.git` or `watchfire.toml`, else the recipe's folder.
+    pub project_root: PathBuf,
+    pub seed: u64,
+    pub schema: EntitySchema,
+    /// Every stage instance, dependencies before dependents.
+    pub instances: Vec<StageInstance>,
+    /// Expanded variant names, `default` first.
+    pub variants: Vec<String>,
+    pub source: NamedSource<Arc<str>>,
+    pub spans: SpanIndex,
+}
+
+/// One stage as it runs: a recipe stage under the params of one or more
+/// variants that resolve it identically.
+pub struct StageInstance {
+    /// `scene` when the default variant uses it, else `scene@VARIANT`.
+    pub name: String,
+    /// The stage id in the recipe.
+    pub stage: String,
+    /// Variants that share this instance.
+    pub variants: Vec<String>,
+    pub kind: &'static dyn StageKind,
+    /// Params after interpolation, with every default filled in.
+    pub params: Value,
+    pub inputs: BTreeMap<String, InputBinding>,
+    /// Instances this one reads, by index into [`Recipe::instances`].
+    pub deps: Vec<usize>,
+    pub resources: Resources,
+    pub cache: bool,
+}
+
+/// What an input slot is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputBinding {
+    /// Another instance's artifact, or one file of it.
+    Stage { instance: usize, output: Option<String> },
+    /// A file or folder; `display` is how the recipe author sees it.
+    Path { display: String, abs: PathBuf },
+}
+
+/// Reads, parses and resolves the recipe at `path`.
+pub fn load(path: &Path, options: &LoadOptions) -> miette::Result<Recipe> {
+    let text = fs_err::read_to_string(path).map_err(|err| miette::miette!("{err}"))?;
+    let abs = std::path::absolute(path).map_err(|err| miette::miette!("{}: {err}", path.display()))?;
+    let parsed = parse(&text, &path.display().to_string())?;
+    Ok(resolve(parsed, &abs, options)?)
+}
+
+/// Checks a parsed recipe against the stage kinds and the file system.
+pub fn resolve(parsed: ParsedRecipe, path: &Path, options: &LoadOptions) -> Result<Recipe, RecipeError> {
+    let recipe_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let project_root = project_root(&recipe_dir);
+    let mut ctx = Resolver {
+        parsed: &parsed,
+        recipe_dir,
+        project_root: project_root.clone(),
+        roots: allowed_roots(&project_root, &options.data_roots),
+        kinds: HashMap::new(),
+        instances: Vec::new(),
+        by_signature: HashMap::new(),
+    };
+    ctx.check_kinds()?;
+
+    let variants = ctx.expand_variants(options)?;
+    let mut used_params = BTreeSet::new();
+    for (name, params) in &variants {
+        used_params.extend(ctx.add_variant(name, params)?);
+    }
+    ctx.check_variant_params(&used_params)?;
+
+    let Resolver { instances, .. } = ctx;
+    let instances = instances.into_iter().map(|draft| draft.finish()).collect();
+    let file = &parsed.file;
+    Ok(Recipe {
+        name: file.name.clone(),
+        path: path.to_path_buf(),
+        project_root,
+        seed: file.seed,
+        schema: file.schema.clone(),
+        instances,
+        variants: variants.into_iter().map(|(name, _)| name).collect(),
+        source: parsed.source.clone(),
+        spans: parsed.spans,
+    })
+}
+
+struct Draft {
+    instance: StageInstance,
+}
+
+impl Draft {
+    fn finish(mut self) -> StageInstance {
+        let instance = &mut self.instance;
+        instance.name = if instance.variants.iter().any(|v| v == DEFAULT_VARIANT) {
+            instance.stage.clone()
+        } else {
+            format!("{}@{}", instance.stage, instance.variants[0])
+        };
+        self.instance
+    }
+}
+
+struct Resolver<'a> {
+    parsed: &'a ParsedRecipe,
+    recipe_dir: PathBuf,
+    project_root: PathBuf,
+    roots: Vec<PathBuf>,
+    kinds: HashMap<String, &'static dyn StageKind>,
+    instances: Vec<Draft>,
+    by_signature: HashMap<blake3::Hash, usize>,
+}
+
+/// An input reference before it is bound.
+enum Reference {
+    Stage { stage: String, output: Option<String> },
+    Path(String),
+}
+
+impl<'a> Resolver<'a> {
+    fn error(&self, kind: K, message: impl Into<String>) -> RecipeError {
+        RecipeError::new(kind, &self.parsed.source, message)
+    }
+
+    fn spans(&self) -> &'a SpanIndex {
+        &self.parsed.spans
+    }
+
+    fn stages(&self) -> &'a IndexMap<String, StageDecl> {
+        &self.parsed.file.stages
+    }
+
+    fn check_kinds(&mut self) -> Result<(), RecipeError> {
+        for (id, decl) in self.stages() {
+            let Some(kind) = find_kind(&decl.kind) else {
+                let names: Vec<&str> = registry().iter().map(|k| k.kind()).collect();
+                let err = self
+                    .error(K::UnknownKind, format!("stage `{id}` has unknown kind `{}`", decl.kind))
+                    .label(self.spans().value_or_ancestor(&["stages", id, "kind"]), "unknown kind");
+                return Err(match did_you_mean(&decl.kind, names.iter().copied()) {
+                    Some(best) => err.help(format!("did you mean `{best}`?")),
+                    None => err.help(format!("known kinds: {}", names.join(", "))),
+                });
+            };
+            self.kinds.insert(id.clone(), kind);
+        }
+        Ok(())
+    }
+
+    /// Variant name -> its full params, `default` first.
+    fn expand_variants(
+        &self,
+        options: &LoadOptions,
+    ) -> Result<Vec<(String, IndexMap<String, Value>)>, RecipeError> {
+        let base = &self.parsed.file.params;
+        let mut out = vec![(DEFAULT_VARIANT.to_string(), base.clone())];
+        for (name, decl) in &self.parsed.file.variants {
+            for key in decl.params.keys().chain(decl.matrix.keys()) {
+                let section = if decl.params.contains_key(key) { "params" } else { "matrix" };
+                if !base.contains_key(key) {
+                    let span = self.spans().key_or_value(&["variants", name, section, key]);
+                    return Err(self
+                        .error(K::UnknownVariantParam, format!("variant `{name}` overrides `{key}`, which the recipe does not declare"))
+                        .label(span, "not in the recipe's `params`")
+                        .suggest(key, base.keys().map(String::as_str))
+                        .help_if_none(format!("declare `{key}` under the top-level `params` first")));
+                }
+            }
+            let mut combos: Vec<(Vec<String>, IndexMap<String, Value>)> = vec![(Vec::new(), decl.params.clone())];
+            for (key, values) in &decl.matrix {
+                if values.is_empty() {
+                    let span = self.spans().value_or_ancestor(&["variants", name, "matrix", key]);
+                    return Err(self
+                        .error(K::Invalid, format!("matrix param `{key}` of variant `{name}` has no values"))
+                        .label(span, "empty list")
+                        .help("give at least one value"));
+                }
+                combos = combos
+                    .into_iter()
+                    .flat_map(|(label, params)| {
+                        values.iter().map(move |value| {
+                            let mut label = label.clone();
+                            label.push(format!("{key}={}", short(value)));
+                            let mut params = params.clone();
+                            params.insert(key.clone(), value.clone());
+                            (label, params)
+                        })
+                    })
+                    .collect();
+            }
+            for (label, overrides) in combos {
+                let full = if label.is_empty() { name.clone() } else { format!("{name}[{}]", label.join(",")) };
+                let mut params = base.clone();
+                params.extend(overrides);
+                out.push((full, params));
+            }
+        }
+        if !options.variants.is_empty() {
+            out.retain(|(name, _)| {
+                options.variants.iter().any(|want| name == want || name.split('[').next() == Some(want))
+            });
+        }
+        Ok(out)
+    }
+
+    fn check_variant_params(&self, used: &BTreeSet<String>) -> Result<(), RecipeError> {
+        for (name, decl) in &self.parsed.file.variants {
+            let keys = decl.params.keys().map(|k| ("params", k)).chain(decl.matrix.keys().map(|k| ("matrix", k)));
+            for (section, key) in keys {
+                if !used.contains(key) {
+                    let span = self.spans().key_or_value(&["variants", name, section, key]);
+                    return Err(self
+                        .error(K::UnusedVariantParam, format!("variant `{name}` overrides `{key}`, but no stage reads it"))
+                        .label(span, "this override changes nothing")
+                        .help(format!("use `${{params.{key}}}` in a stage's params, or drop the override")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every stage under one variant's params; returns the params read.
+    fn add_variant(
+        &mut self,
+        variant: &str,
+        params: &IndexMap<String, Value>,
+    ) -> Result<BTreeSet<String>, RecipeError> {
+        let mut interp = Interpolator::new(params);
+        let mut resolved: IndexMap<String, (Value, IndexMap<String, Reference>)> = IndexMap::new();
+        for (id, decl) in self.stages() {
+            let stage_params = self.stage_params(&mut interp, id, decl)?;
+            let refs = self.stage_refs(&mut interp, id, decl)?;
+            resolved.insert(id.clone(), (stage_params, refs));
+        }
+        let order = self.topological_order(&resolved)?;
+
+        let mut instance_of: HashMap<String, usize> = HashMap::new();
+        for id in order {
+            let (params, refs) = &resolved[&id];
+            let mut inputs = BTreeMap::new();
+            for (slot, reference) in refs {
+                let binding = match reference {
+                    Reference::Stage { stage, output } => {
+                        let file = output.as_ref().map(|stem| self.output_file(stage, stem));
+                        InputBinding::Stage { instance: instance_of[stage], output: file }
+                    }
+                    Reference::Path(path) => self.bind_path(&id, slot, path)?,
+                };
+                inputs.insert(slot.clone(), binding);
+            }
+            let index = self.intern(&id, variant, params.clone(), inputs);
+            instance_of.insert(id, index);
+        }
+        Ok(interp.used)
+    }
+
+    fn stage_params(&self, interp: &mut Interpolator, id: &str, decl: &StageDecl) -> Result<Value, RecipeError> {
+        let mut map = serde_json::Map::new();
+        for (key, value) in &decl.params {
+            let value = interp.value(value).map_err(|(below, err)| {
+                let mut path = vec!["stages".to_string(), id.to_string(), "params".to_string(), key.clone()];
+                path.extend(below);
+                self.error(K::UnknownInterpolation, format!("unknown interpolation `{}` in stage `{id}`", err.reference))
+                    .label(self.spans().value_or_ancestor(&path), "names nothing")
+                    .help(interpolation_help(interp))
+            })?;
+            map.insert(key.clone(), value);
+        }
+        let kind = self.kinds[id];
+        kind.resolve_params(Value::Object(map)).map_err(|issue| self.param_error(id, issue))
+    }
+
+    fn param_error(&self, id: &str, issue: ParamIssue) -> RecipeError {
+        let base = ["stages", id, "params"].map(String::from).to_vec();
+        match issue {
+            ParamIssue::Parse { path, message } => {
+                let mut full = base.clone();
+                full.extend(path.iter().filter(|seg| *seg != "?").cloned());
+                let mut err = placed_serde_error(&self.parsed.source, self.spans(), &full, &message);
+                if err.kind == K::Invalid && !path.is_empty() {
+                    err.kind = K::ParamType;
+                    err.message = format!("param `{}` of stage `{id}`: {message}", path.join("."));
+                }
+                err
+            }
+            ParamIssue::Range(range) => {
+                let mut full = base;
+                full.extend(range.param.split('.').map(String::from));
+                let err = self
+                    .error(K::ParamRange, format!("param `{}` of stage `{id}` {}", range.param, range.message))
+                    .label(self.spans().value_or_ancestor(&full), range.message.clone());
+                match range.help {
+                    Some(help) => err.help(help),
+                    None => err.help("see `watchfire kinds` for each param's allowed values"),
+                }
+            }
+        }
+    }
+
+    fn stage_refs(
+        &self,
+        interp: &mut Interpolator,
+        id: &str,
+        decl: &StageDecl,
+    ) -> Result<IndexMap<String, Reference>, RecipeError> {
+        let kind = self.kinds[id];
+        let slots: Vec<&str> = kind.inputs().iter().map(|spec| spec.name).collect();
+        let mut out = IndexMap::new();
+        for (slot, text) in &decl.inputs {
+            let path = ["stages", id, "inputs", slot.as_str()];
+            if !slots.contains(&slot.as_str()) {
+                let err = self
+                    .error(K::UnknownInputSlot, format!("stage `{id}` (kind `{}`) has no input `{slot}`", kind.kind()))
+                    .label(self.spans().key_or_value(&path), "unknown input");
+                return Err(match did_you_mean(slot, slots.iter().copied()) {
+                    Some(best) => err.help(format!("did you mean `{best}`?")),
+                    None => err.help(format!("inputs of `{}`: {}", kind.kind(), slots.join(", "))),
+                });
+            }
+            let text = match interp.string(text) {
+                Ok(Value::String(s)) => s,
+                Ok(other) => other.to_string(),
+                Err(err) => {
+                    return Err(self
+                        .error(K::UnknownInterpolation, format!("unknown interpolation `{}` in stage `{id}`", err.reference))
+                        .label(self.spans().value_or_ancestor(&path), "names nothing")
+                        .help(interpolation_help(interp)));
+                }
+            };
+            out.insert(slot.clone(), self.parse_reference(id, slot, &text)?);
+        }
+        for spec in kind.inputs().iter().filter(|spec| spec.required) {
+            if !out.contains_key(spec.name) {
+                let span = self.spans().key_or_value(&["stages", id]);
+                return Err(self
+                    .error(K::MissingInput, format!("stage `{id}` needs input `{}`", spec.name))
+                    .label(span, format!("no `{}` under `inputs`", spec.name))
+                    .help(format!("add `inputs: {{ {}: STAGE_OR_PATH }}` ({})", spec.name, spec.doc)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn parse_reference(&self, id: &str, slot: &str, text: &str) -> Result<Reference, RecipeError> {
+        if text.contains('/') || text.starts_with('.') {
+            return Ok(Reference::Path(text.to_string()));
+        }
+        let (stage, output) = match text.split_once('.') {
+            Some((stage, output)) => (stage, Some(output)),
+            None => (text, None),
+        };
+        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
+        let Some(kind) = self.kinds.get(stage) else {
+            let err = self
+                .error(K::DanglingInput, format!("input `{slot}` of stage `{id}` names `{stage}`, which is not a stage"))
+                .label(span, "no such stage");
+            let ids = self.stages().keys().map(String::as_str);
+            return Err(match did_you_mean(stage, ids) {
+                Some(best) => err.help(format!("did you mean `{best}`?")),
+                None => err.help("a project path must contain `/` or start with `.`"),
+            });
+        };
+        if let Some(output) = output {
+            let stems: Vec<&str> = kind.outputs().iter().map(|file| stem(file)).collect();
+            if !stems.contains(&output) {
+                let err = self
+                    .error(K::DanglingInput, format!("stage `{stage}` (kind `{}`) has no output `{output}`", kind.kind()))
+                    .label(span, "no such output");
+                return Err(match did_you_mean(output, stems.iter().copied()) {
+                    Some(best) => err.help(format!("did you mean `{stage}.{best}`?")),
+                    None => err.help(format!("outputs of `{}`: {}", kind.kind(), stems.join(", "))),
+                });
+            }
+        }
+        Ok(Reference::Stage { stage: stage.to_string(), output: output.map(str::to_string) })
+    }
+
+    fn output_file(&self, stage: &str, output_stem: &str) -> String {
+        let kind = self.kinds[stage];
+        let file = kind.outputs().iter().find(|file| stem(file) == output_stem);
+        file.map(|f| f.to_string()).unwrap_or_else(|| output_stem.to_string())
+    }
+
+    fn bind_path(&self, id: &str, slot: &str, text: &str) -> Result<InputBinding, RecipeError> {
+        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
+        let joined = normalize(&self.recipe_dir.join(text));
+        let display = match joined.strip_prefix(&self.project_root) {
+            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
+            Err(_) => text.to_string(),
+        };
+        let Ok(real) = joined.canonicalize() else {
+            return Err(self
+                .error(K::FileNotFound, format!("input `{slot}` of stage `{id}`: `{display}` does not exist"))
+                .label(span, "no such file or folder")
+                .help(format!("paths are relative to the recipe's folder `{}`", self.recipe_dir.display())));
+        };
+        if !self.roots.iter().any(|root| real.starts_with(root)) {
+            return Err(self
+                .error(K::PathEscapes, format!("input `{slot}` of stage `{id}`: `{text}` is outside the project"))
+                .label(span, "leaves the project folder")
+                .help(format!(
+                    "recipes may only read inside `{}`; allow a data folder with `--data-root DIR`",
+                    self.project_root.display()
+                )));
+        }
+        Ok(InputBinding::Path { display, abs: real })
+    }
+
+    fn topological_order(
+        &self,
+        resolved: &IndexMap<String, (Value, IndexMap<String, Reference>)>,
+    ) -> Result<Vec<String>, RecipeError> {
+        let mut graph: DiGraph<&str, &str> = DiGraph::new();
+        let nodes: IndexMap<&str, NodeIndex> =
+            resolved.keys().map(|id| (id.as_str(), graph.add_node(id.as_str()))).collect();
+        for (id, (_, refs)) in resolved {
+            for (slot, reference) in refs {
+                if let Reference::Stage { stage, .. } = reference {
+                    graph.add_edge(nodes[stage.as_str()], nodes[id.as_str()], slot.as_str());
+                }
+            }
+        }
+        match petgraph::algo::toposort(&graph, None) {
+            Ok(order) => Ok(order.into_iter().map(|n| graph[n].to_string()).collect()),
+            Err(cycle) => Err(self.cycle_error(&graph, cycle.node_id())),
+        }
+    }
+
+    fn cycle_error(&self, graph: &DiGraph<&str, &str>, start: NodeIndex) -> RecipeError {
+        let path = find_cycle(graph, start);
+        let names: Vec<&str> = path.iter().map(|&n| graph[n]).collect();
+        let mut shown = names.clone();
+        shown.push(names[0]);
+        let mut err = self.error(
+            K::Cycle,
+            format!("stages form a cycle: {}", shown.join(" -> ")),
+        );
+        for (i, &node) in path.iter().enumerate() {
+            let from = graph[node];
+            let to_node = path[(i + 1) % path.len()];
+            let edge = graph.find_edge(node, to_node).map(|e| graph[e]).unwrap_or("?");
+            let span = self.spans().value_or_ancestor(&["stages", graph[to_node], "inputs", edge]);
+            err = err.label(span, format!("`{}` reads `{from}`", graph[to_node]));
+        }
+        err.help("a stage cannot depend on its own output; break the loop by removing one of these inputs")
+    }
+
+    /// Shares instances across variants: same stage, params and inputs.
+    fn intern(&mut self, id: &str, variant: &str, params: Value, inputs: BTreeMap<String, InputBinding>) -> usize {
+        let signature = signature(id, &params, &inputs);
+        if let Some(&index) = self.by_signature.get(&signature) {
+            self.instances[index].instance.variants.push(variant.to_string());
+            return index;
+        }
+        let decl = &self.stages()[id];
+        let mut deps: Vec<usize> = inputs
+            .values()
+            .filter_map(|b| match b {
+                InputBinding::Stage { instance, .. } => Some(*instance),
+                InputBinding::Path { .. } => None,
+            })
+            .collect();
+        deps.sort_unstable();
+        deps.dedup();
+        let instance = StageInstance {
+            name: id.to_string(),
+            stage: id.to_string(),
+            variants: vec![variant.to_string()],
+            kind: self.kinds[id],
+            params,
+            inputs,
+            deps,
+            resources: decl.resources,
+            cache: decl.cache,
+        };
+        self.instances.push(Draft { instance });
+        let index = self.instances.len() - 1;
+        self.by_signature.insert(signature, index);
+        index
+    }
+}
+
+trait HelpIfNone {
+    fn help_if_none(self, help: String) -> Self;
+}
+
+impl HelpIfNone for RecipeError {
+    fn help_if_none(self, help: String) -> Self {
+        if self.help.is_some() { self } else { self.help(help) }
+    }
+}
+
+fn signature(id: &str, params: &Value, inputs: &BTreeMap<String, InputBinding>) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(id.as_bytes()).update(&[0]);
+    hasher.update(params.to_string().as_bytes()).update(&[0]);
+    for (slot, binding) in inputs {
+        hasher.update(slot.as_bytes()).update(&[0]);
+        match binding {
+            InputBinding::Stage { instance, output } => {
+                hasher.update(format!("stage:{instance}:{output:?}").as_bytes());
+            }
+            InputBinding::Path { abs, .. } => {
+                hasher.update(format!("path:{}", abs.display()).as_bytes());
+            }
+        }
+        hasher.update(&[0]);
+    }
+    hasher.finalize()
+}
+
+/// A cycle through `start`, as found by a depth-first walk.
+fn find_cycle(graph: &DiGraph<&str, &str>, start: NodeIndex) -> Vec<NodeIndex> {
+    fn walk(
+        graph: &DiGraph<&str, &str>,
+        node: NodeIndex,
+        start: NodeIndex,
+        path: &mut Vec<NodeIndex>,
+        seen: &mut BTreeSet<NodeIndex>,
+    ) -> bool {
+        path.push(node);
+        for next in graph.neighbors(node) {
+            if next == start {
+                return true;
+            }
+            if seen.insert(next) && walk(graph, next, start, path, seen) {
+                return true;
+            }
+        }
+        path.pop();
+        false
+    }
+    // toposort names a node on a cycle or one downstream of it; look from
+    // each strongly connected component that really loops.
+    for component in petgraph::algo::tarjan_scc(graph) {
+        let loops = component.len() > 1 || graph.find_edge(component[0], component[0]).is_some();
+        if loops {
+            let first = *component.iter().min().unwrap_or(&start);
+            let mut path = Vec::new();
+            if walk(graph, first, first, &mut path, &mut BTreeSet::from([first])) {
+                let mut ordered = path;
+                let names_first = ordered.iter().position(|&n| n == first).unwrap_or(0);
+                ordered.rotate_left(names_first);
+                return ordered;
+            }
+        }
+    }
+    vec![start]
+}
+
+fn interpolation_help(interp: &Interpolator) -> String {
+    if interp.params.is_empty() {
+        "the recipe declares no `params`; only `${params.NAME}` is supported".to_string()
+    } else {
+        let names: Vec<String> = interp.params.keys().map(|k| format!("`${{params.{k}}}`")).collect();
+        format!("available: {}", names.join(", "))
+    }
+}
+
+fn short(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn stem(file: &str) -> &str {
+    file.split('.').next().unwrap_or(file)
+}
+
+/// The project a recipe belongs to: the nearest folder up from it holding
+/// `.git` or `watchfire.toml`, else the recipe's own folder.
+pub fn project_root(recipe_dir: &Path) -> PathBuf {
+    let start = recipe_dir.canonicalize().unwrap_or_else(|_| recipe_dir.to_path_buf());
+    start
+        .ancestors()
+        .find(|dir| dir.join(".git").exists() || dir.join("watchfire.toml").exists())
+        .unwrap_or(&start)
+        .to_path_buf()
+}
+
+fn allowed_roots(project_root: &Path, data_roots: &[PathBuf]) -> Vec<PathBuf> {
+    std::iter::once(project_root.to_path_buf())
+        .chain(data_roots.iter().map(|root| root.canonicalize().unwrap_or_else(|_| root.clone())))
+        .collect()
+}
+
+/// `a/./b/../c` -> `a/c`, without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
