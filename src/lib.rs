@@ -9,3 +9,7 @@ pub mod stages;
 pub mod synth;
 pub mod recipe;
 pub mod cache;
+pub mod executor;
+pub mod scheduler;
+pub mod plan;
+pub mod graph;

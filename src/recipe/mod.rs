@@ -9,6 +9,7 @@
 
 mod error;
 mod interpolate;
+mod json_schema;
 mod resolve;
 mod spans;
 
@@ -20,7 +21,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use error::{RecipeError, RecipeErrorKind, did_you_mean};
-pub use resolve::{InputBinding, LoadOptions, Recipe, StageInstance, load, resolve};
+pub use json_schema::json_schema;
+pub use resolve::{
+    DEFAULT_VARIANT, InputBinding, LoadOptions, Recipe, StageInstance, load, project_root, resolve,
+};
 pub use spans::{NodePath, NodeSpan, SpanIndex};
 
 use crate::schema::EntitySchema;

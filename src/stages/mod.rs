@@ -1,6 +1,16 @@
 //! The stage kinds a recipe can name. One file per kind, named as in YAML.
 
-use crate::stage::StageKind;
+pub mod detail;
+pub mod filter;
+pub mod scene;
+pub mod seed;
+
+use crate::stage::{Erased, StageKind};
 
 /// Every kind, in the order the recipe reference lists them.
-pub static ALL: &[&dyn StageKind] = &[];
+pub static ALL: &[&dyn StageKind] = &[
+    &Erased::<seed::Seed>::NEW,
+    &Erased::<scene::Scene>::NEW,
+    &Erased::<detail::Detail>::NEW,
+    &Erased::<filter::Filter>::NEW,
+];

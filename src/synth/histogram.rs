@@ -115,10 +115,14 @@ impl Histogram {
 
     /// A key drawn in proportion to its weight; `None` when empty.
     pub fn sample<R: RngExt + ?Sized>(&self, rng: &mut R) -> Option<&str> {
+        self.sample_index(rng).map(|at| self.keys[at].as_str())
+    }
+
+    /// Index of a key drawn in proportion to its weight.
+    pub fn sample_index<R: RngExt + ?Sized>(&self, rng: &mut R) -> Option<usize> {
         let total = *self.cumulative.last()?;
         let at = rng.random::<f64>() * total;
-        let index = self.cumulative.partition_point(|&c| c <= at).min(self.keys.len() - 1);
-        Some(&self.keys[index])
+        Some(self.cumulative.partition_point(|&c| c <= at).min(self.keys.len() - 1))
     }
 }
 

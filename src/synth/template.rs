@@ -5,14 +5,28 @@
 //! type and `{type#2}`, `{type#3}`, ... for the next ones; a slot that appears
 //! twice is filled with one value. Literal braces are doubled (`{{`, `}}`).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Whether a template was built with the scene hierarchy or without it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Scene category -> role chain -> sentences, then values conditioned on attributes.
+    #[default]
     Hierarchical,
+    /// Sentences pooled over all scenes, values drawn without conditioning (the ablation).
     Flat,
+}
+
+/// What writes templates and fills them. Only the template backend exists;
+/// an LLM backend is planned behind the same switch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Templates learned from the seed and filled by typed value generators.
+    #[default]
+    Template,
 }
 
 impl Mode {

@@ -1,0 +1,134 @@
+//! `watchfire run` and `watchfire plan`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use watchfire::executor::LocalExecutor;
+use watchfire::plan::{Decision, plan as plan_recipe};
+use watchfire::recipe::Recipe;
+use watchfire::scheduler::{RunOptions, RunReport, Status};
+
+use super::render::{CliObserver, CliReporter, Table, duration, status_word};
+use super::{Global, cache_dir, load, open_store};
+
+#[derive(Args)]
+pub struct RunArgs {
+    pub recipe: PathBuf,
+    /// Stages to run at once [default: number of cores].
+    #[arg(short, long)]
+    pub jobs: Option<usize>,
+    /// Show the plan and stop; nothing is executed.
+    #[arg(short = 'n', long = "dry-run")]
+    pub dry_run: bool,
+    /// Only these variants (repeatable).
+    #[arg(long = "variant")]
+    pub variants: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    pub recipe: PathBuf,
+    /// Only these variants (repeatable).
+    #[arg(long = "variant")]
+    pub variants: Vec<String>,
+}
+
+pub fn run(global: &Global, args: RunArgs) -> miette::Result<ExitCode> {
+    let start = Instant::now();
+    let recipe = load(global, &args.recipe, &args.variants)?;
+    if args.dry_run {
+        return print_plan(global, &recipe);
+    }
+    let store = open_store(&cache_dir(global, Some(&recipe)))?;
+    super::show::remember_recipe(&store, &recipe);
+    let reporter = CliReporter::new(global);
+    let observer = CliObserver { reporter: &reporter, verbose: global.verbose };
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = RunOptions { jobs, gpus: 0, policy: None };
+    let report = watchfire::scheduler::run(&recipe, &store, &LocalExecutor, &reporter, &observer, &options)
+        .map_err(|err| miette::miette!("cache: {err}"))?;
+    print_failures(&report);
+    if !global.quiet {
+        print_summary(&recipe, &report, start.elapsed());
+    }
+    Ok(if report.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn print_failures(report: &RunReport) {
+    for outcome in &report.outcomes {
+        match &outcome.status {
+            Status::Failed(message) => eprintln!("error: stage `{}` failed: {message}", outcome.name),
+            Status::Refused(message) => eprintln!("error: stage `{}` refused: {message}", outcome.name),
+            _ => {}
+        }
+    }
+}
+
+fn print_summary(recipe: &Recipe, report: &RunReport, elapsed: std::time::Duration) {
+    let total = report.outcomes.len();
+    if report.ran() == 0 && !report.failed() {
+        println!("{}: nothing to do, all {total} stages cached ({})", recipe.name, duration(elapsed));
+        return;
+    }
+    let mut table = Table::new(&["stage", "kind", "status", "time", "key"]);
+    for (outcome, instance) in report.outcomes.iter().zip(&recipe.instances) {
+        let status = match &outcome.status {
+            Status::Skipped { failed } => format!("skipped ({failed} failed)"),
+            other => status_word(other).to_string(),
+        };
+        let key = outcome.key.map(|k| k.short()).unwrap_or_default();
+        let kind = instance.kind.kind().to_string();
+        table.row(vec![outcome.name.clone(), kind, status, duration(outcome.duration), key]);
+    }
+    print!("{}", table.render());
+    let count = |f: fn(&Status) -> bool| report.outcomes.iter().filter(|o| f(&o.status)).count();
+    let cached = count(|s| matches!(s, Status::Cached | Status::BuiltElsewhere));
+    let failed = count(|s| matches!(s, Status::Failed(_) | Status::Refused(_)));
+    let skipped = count(|s| matches!(s, Status::Skipped { .. }));
+    println!(
+        "{}: {} ran, {cached} cached, {failed} failed, {skipped} skipped ({})",
+        recipe.name,
+        report.ran(),
+        duration(elapsed)
+    );
+}
+
+pub fn plan(global: &Global, args: PlanArgs) -> miette::Result<ExitCode> {
+    let recipe = load(global, &args.recipe, &args.variants)?;
+    print_plan(global, &recipe)
+}
+
+fn print_plan(global: &Global, recipe: &Recipe) -> miette::Result<ExitCode> {
+    let store = open_store(&cache_dir(global, Some(recipe)))?;
+    let entries = plan_recipe(recipe, &store).map_err(|err| miette::miette!("cache: {err}"))?;
+    let mut table = Table::new(&["stage", "kind", "plan", "why"]);
+    let (mut cached, mut to_run) = (0, 0);
+    for entry in &entries {
+        let (word, why) = match &entry.decision {
+            Decision::Cached => {
+                cached += 1;
+                ("cached", entry.key.map(|k| k.short()).unwrap_or_default())
+            }
+            Decision::Run(reasons) => {
+                to_run += 1;
+                ("run", reasons.join("; "))
+            }
+            Decision::Waits(dep) => {
+                to_run += 1;
+                ("run", format!("waits on `{dep}`, which will run"))
+            }
+        };
+        table.row(vec![entry.name.clone(), entry.kind.clone(), word.to_string(), why]);
+        if global.verbose >= 2 {
+            if let Some(fields) = &entry.fields {
+                let json = serde_json::to_string_pretty(fields).unwrap_or_default();
+                eprintln!("key of `{}`\n{json}", entry.name);
+            }
+        }
+    }
+    print!("{}", table.render());
+    println!("{}: {cached} cached, {to_run} to run", recipe.name);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,104 @@
+//! `watchfire show STAGE`: where a stage's artifact is, what its manifest
+//! says, and the lineage that produced it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use watchfire::cache::LocalStore;
+use watchfire::plan::{Decision, PlanEntry, plan};
+use watchfire::recipe::{InputBinding, Recipe};
+
+use super::render::{Table, bytes};
+use super::{Global, cache_dir, load, open_store};
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// Stage instance name, as `plan` prints it (`detail`, `detail@small`).
+    pub stage: String,
+    /// The recipe [default: the last one run with this cache].
+    #[arg(long, short)]
+    pub recipe: Option<PathBuf>,
+}
+
+const LAST_RECIPE: &str = "last-recipe";
+
+/// Notes the recipe so `show` can default to it.
+pub fn remember_recipe(store: &LocalStore, recipe: &Recipe) {
+    let path = store.root().join(LAST_RECIPE);
+    let _ = watchfire::cache::write_atomic(&path, recipe.path.to_string_lossy().as_bytes());
+}
+
+pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
+    let recipe_path = match args.recipe {
+        Some(path) => path,
+        None => {
+            let store = open_store(&cache_dir(global, None))?;
+            let last = std::fs::read_to_string(store.root().join(LAST_RECIPE)).map_err(|_| {
+                miette::miette!(help = "pass the recipe with `--recipe FILE`", "no recipe has been run with this cache yet")
+            })?;
+            PathBuf::from(last)
+        }
+    };
+    let recipe = load(global, &recipe_path, &[])?;
+    let store = open_store(&cache_dir(global, Some(&recipe)))?;
+    let entries = plan(&recipe, &store).map_err(|err| miette::miette!("cache: {err}"))?;
+    let Some(index) = recipe.instances.iter().position(|i| i.name == args.stage) else {
+        let names: Vec<&str> = recipe.instances.iter().map(|i| i.name.as_str()).collect();
+        let hint = watchfire::recipe::did_you_mean(&args.stage, names.iter().copied())
+            .map(|best| format!("did you mean `{best}`?"))
+            .unwrap_or_else(|| format!("stages: {}", names.join(", ")));
+        return Err(miette::miette!(help = hint, "`{}` has no stage `{}`", recipe.name, args.stage));
+    };
+    let entry = &entries[index];
+    println!("stage     {} (kind {})", entry.name, entry.kind);
+    match (&entry.decision, entry.key) {
+        (Decision::Cached, Some(key)) => print_artifact(&store, &key)?,
+        (Decision::Run(reasons), _) => println!("artifact  none: would run ({})", reasons.join("; ")),
+        (Decision::Waits(dep), _) => println!("artifact  none: waits on `{dep}`"),
+        (Decision::Cached, None) => {}
+    }
+    println!("lineage");
+    print_lineage(&recipe, &entries, index, 1);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miette::Result<()> {
+    use watchfire::cache::{Lookup, Store};
+    let Lookup::Hit(artifact) = store.lookup(key).map_err(|err| miette::miette!("{err}"))? else {
+        println!("artifact  missing");
+        return Ok(());
+    };
+    let manifest = &artifact.manifest;
+    println!("key       {}", manifest.key);
+    println!("artifact  {}", artifact.dir.display());
+    println!("output    {}", manifest.output_hash);
+    println!("built in  {} ms by watchfire {}", manifest.duration_ms, manifest.watchfire_version);
+    let mut table = Table::new(&["file", "size", "blake3"]);
+    for file in &manifest.files {
+        table.row(vec![file.path.clone(), bytes(file.size), file.hash[..16].to_string()]);
+    }
+    for line in table.render().lines() {
+        println!("  {line}");
+    }
+    let params = serde_json::to_string(&manifest.fields.params).unwrap_or_default();
+    println!("params    {params}");
+    Ok(())
+}
+
+fn print_lineage(recipe: &Recipe, entries: &[PlanEntry], index: usize, depth: usize) {
+    let instance = &recipe.instances[index];
+    let key = entries[index].key.map(|k| k.short()).unwrap_or_else(|| "(not built)".to_string());
+    println!("{}{} [{}] {key}", "  ".repeat(depth), instance.name, instance.kind.kind());
+    for (slot, binding) in &instance.inputs {
+        match binding {
+            InputBinding::Stage { instance: dep, .. } => {
+                println!("{}<- {slot}:", "  ".repeat(depth + 1));
+                print_lineage(recipe, entries, *dep, depth + 2);
+            }
+            InputBinding::Path { display, .. } => {
+                println!("{}<- {slot}: file {display}", "  ".repeat(depth + 1));
+            }
+        }
+    }
+}
