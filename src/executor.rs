@@ -40,7 +40,8 @@ impl Executor for LocalExecutor {
             out_dir: &job.out_dir,
             reporter,
         };
-        let _span = tracing::info_span!("stage", id = job.stage_id, kind = job.kind.kind()).entered();
+        let _span =
+            tracing::info_span!("stage", id = job.stage_id, kind = job.kind.kind()).entered();
         job.kind.run(job.params, &ctx)
     }
 }

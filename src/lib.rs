@@ -1,15 +1,15 @@
 //! watchfire: a declarative, content-hashed recipe runner for adapting open
 //! LLMs to public-safety text.
 
+pub mod cache;
 pub mod corpus;
+pub mod executor;
+pub mod graph;
+pub mod plan;
 pub mod progress;
+pub mod recipe;
+pub mod scheduler;
 pub mod schema;
 pub mod stage;
 pub mod stages;
 pub mod synth;
-pub mod recipe;
-pub mod cache;
-pub mod executor;
-pub mod scheduler;
-pub mod plan;
-pub mod graph;

@@ -38,32 +38,50 @@ pub fn plan(recipe: &Recipe, store: &dyn Store) -> Result<Vec<PlanEntry>, StoreE
         let pending = instance.deps.iter().find(|&&d| known[d].is_none());
         if let Some(&dep) = pending {
             let waits = Decision::Waits(recipe.instances[dep].name.clone());
-            out.push(PlanEntry { name: instance.name.clone(), kind, decision: waits, key: None, fields: None });
+            out.push(PlanEntry {
+                name: instance.name.clone(),
+                kind,
+                decision: waits,
+                key: None,
+                fields: None,
+            });
             continue;
         }
-        let (fields, _) = key_fields(recipe, instance, &known, &files).map_err(|err| StoreError::Io(std::io::Error::other(err)))?;
+        let (fields, _) = key_fields(recipe, instance, &known, &files)
+            .map_err(|err| StoreError::Io(std::io::Error::other(err)))?;
         let key = fields.key();
         let decision = match (instance.cache, store.lookup(&key)?) {
             (true, Lookup::Hit(artifact)) => {
-                known[index] = Some(artifact);
+                known[index] = Some(*artifact);
                 Decision::Cached
             }
-            (true, Lookup::Corrupt { file, .. }) => {
-                Decision::Run(vec![format!("artifact corrupt (`{file}` changed); rebuilding")])
-            }
+            (true, Lookup::Corrupt { file, .. }) => Decision::Run(vec![format!(
+                "artifact corrupt (`{file}` changed); rebuilding"
+            )]),
             (false, _) => Decision::Run(vec!["not cached (`cache: false`)".to_string()]),
             (true, Lookup::Miss) => Decision::Run(match refs.instances.get(&instance.name) {
                 None => vec!["first run".to_string()],
-                Some(old) if old.key == key.to_hex() => vec!["artifact missing from the cache".to_string()],
+                Some(old) if old.key == key.to_hex() => {
+                    vec!["artifact missing from the cache".to_string()]
+                }
                 Some(old) => {
                     let changes = fields.changes_since(&old.fields);
-                    if changes.is_empty() { vec!["key changed".to_string()] } else { changes }
+                    if changes.is_empty() {
+                        vec!["key changed".to_string()]
+                    } else {
+                        changes
+                    }
                 }
             }),
         };
-        out.push(PlanEntry { name: instance.name.clone(), kind, decision, key: Some(key), fields: Some(fields) });
+        out.push(PlanEntry {
+            name: instance.name.clone(),
+            kind,
+            decision,
+            key: Some(key),
+            fields: Some(fields),
+        });
     }
     files.save().map_err(StoreError::Io)?;
     Ok(out)
 }
-

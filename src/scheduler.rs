@@ -30,7 +30,9 @@ pub enum Status {
     BuiltElsewhere,
     Failed(String),
     /// Not run because a dependency failed.
-    Skipped { failed: String },
+    Skipped {
+        failed: String,
+    },
     /// Not run because `--frozen` forbids keys missing from the lock.
     Refused(String),
 }
@@ -55,12 +57,18 @@ pub struct RunReport {
 impl RunReport {
     pub fn failed(&self) -> bool {
         self.outcomes.iter().any(|o| {
-            matches!(o.status, Status::Failed(_) | Status::Skipped { .. } | Status::Refused(_))
+            matches!(
+                o.status,
+                Status::Failed(_) | Status::Skipped { .. } | Status::Refused(_)
+            )
         })
     }
 
     pub fn ran(&self) -> usize {
-        self.outcomes.iter().filter(|o| o.status == Status::Ran).count()
+        self.outcomes
+            .iter()
+            .filter(|o| o.status == Status::Ran)
+            .count()
     }
 }
 
@@ -120,7 +128,11 @@ pub(crate) fn key_fields(
     Ok((fields, paths))
 }
 
-fn bind(binding: &InputBinding, done: &[Option<Artifact>], files: &FileHashes) -> Result<Bound, String> {
+fn bind(
+    binding: &InputBinding,
+    done: &[Option<Artifact>],
+    files: &FileHashes,
+) -> Result<Bound, String> {
     match binding {
         InputBinding::Stage { instance, output } => {
             let artifact = done[*instance].as_ref().ok_or("dependency not done")?;
@@ -133,11 +145,23 @@ fn bind(binding: &InputBinding, done: &[Option<Artifact>], files: &FileHashes) -
                 }
                 None => (artifact.dir.clone(), artifact.manifest.output_hash.clone()),
             };
-            Ok(Bound { path, key: InputKey::Stage { output: output.clone(), hash } })
+            Ok(Bound {
+                path,
+                key: InputKey::Stage {
+                    output: output.clone(),
+                    hash,
+                },
+            })
         }
         InputBinding::Path { display, abs } => {
             let hash = files.hash(abs).map_err(|err| format!("{display}: {err}"))?;
-            Ok(Bound { path: abs.clone(), key: InputKey::File { path: display.clone(), hash } })
+            Ok(Bound {
+                path: abs.clone(),
+                key: InputKey::File {
+                    path: display.clone(),
+                    hash,
+                },
+            })
         }
     }
 }
@@ -180,9 +204,14 @@ pub fn run(
                     continue;
                 }
                 let instance = &recipe.instances[index];
-                if let Some(failed) = instance.deps.iter().find_map(|&d| failed_name(&outcomes, d)) {
+                if let Some(failed) = instance
+                    .deps
+                    .iter()
+                    .find_map(|&d| failed_name(&outcomes, d))
+                {
                     outcomes[index] = Some(skipped(instance, failed));
-                    observer.stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
+                    observer
+                        .stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
                     progressed = true;
                     continue;
                 }
@@ -193,8 +222,16 @@ pub fn run(
                 let (fields, paths) = match key_fields(recipe, instance, &done, &files) {
                     Ok(found) => found,
                     Err(message) => {
-                        outcomes[index] = Some(finished(instance, Status::Failed(message), None, None, Duration::ZERO));
-                        observer.stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
+                        outcomes[index] = Some(finished(
+                            instance,
+                            Status::Failed(message),
+                            None,
+                            None,
+                            Duration::ZERO,
+                        ));
+                        observer.stage_finished(
+                            outcomes[index].as_ref().unwrap_or_else(|| unreachable!()),
+                        );
                         progressed = true;
                         continue;
                     }
@@ -207,7 +244,7 @@ pub fn run(
                     match store.lookup(&key)? {
                         Lookup::Hit(artifact) => {
                             let hash = artifact.manifest.output_hash.clone();
-                            done[index] = Some(artifact);
+                            done[index] = Some(*artifact);
                             outcomes[index] = Some(finished(instance, Status::Cached, Some(key), Some(hash), Duration::ZERO));
                             observer.stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
                             progressed = true;
@@ -220,19 +257,39 @@ pub fn run(
                         Lookup::Miss => {}
                     }
                 }
-                if let Some(policy) = options.policy {
-                    if let Err(reason) = policy.allow(&instance.name, &key) {
-                        outcomes[index] = Some(finished(instance, Status::Refused(reason), Some(key), None, Duration::ZERO));
-                        observer.stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
+                if let Some(policy) = options.policy
+                    && let Err(reason) = policy.allow(&instance.name, &key)
+                {
+                    {
+                        outcomes[index] = Some(finished(
+                            instance,
+                            Status::Refused(reason),
+                            Some(key),
+                            None,
+                            Duration::ZERO,
+                        ));
+                        observer.stage_finished(
+                            outcomes[index].as_ref().unwrap_or_else(|| unreachable!()),
+                        );
                         progressed = true;
                         continue;
                     }
                 }
                 let need_cpu = (instance.resources.cpu as usize).clamp(1, options.jobs.max(1));
                 if instance.resources.gpu > options.gpus {
-                    let message = format!("needs {} GPU(s); this machine offers {}", instance.resources.gpu, options.gpus);
-                    outcomes[index] = Some(finished(instance, Status::Failed(message), Some(key), None, Duration::ZERO));
-                    observer.stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
+                    let message = format!(
+                        "needs {} GPU(s); this machine offers {}",
+                        instance.resources.gpu, options.gpus
+                    );
+                    outcomes[index] = Some(finished(
+                        instance,
+                        Status::Failed(message),
+                        Some(key),
+                        None,
+                        Duration::ZERO,
+                    ));
+                    observer
+                        .stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
                     progressed = true;
                     continue;
                 }
@@ -251,8 +308,15 @@ pub fn run(
                 let recipe_ref = recipe;
                 scope.spawn(move || {
                     let start = Instant::now();
-                    let result = build(recipe_ref, index, key, fields, job_inputs, store, executor, reporter, observer);
-                    let _ = tx.send(Finished { index, result, duration: start.elapsed() });
+                    let result = build(
+                        recipe_ref, index, key, fields, job_inputs, store, executor, reporter,
+                        observer,
+                    );
+                    let _ = tx.send(Finished {
+                        index,
+                        result,
+                        duration: start.elapsed(),
+                    });
                 });
             }
             if running == 0 && !progressed {
@@ -272,10 +336,16 @@ pub fn run(
                     let hash = artifact.manifest.output_hash.clone();
                     done[msg.index] = Some(artifact);
                     transient.extend(staging);
-                    let status = if elsewhere { Status::BuiltElsewhere } else { Status::Ran };
+                    let status = if elsewhere {
+                        Status::BuiltElsewhere
+                    } else {
+                        Status::Ran
+                    };
                     finished(instance, status, key, Some(hash), msg.duration)
                 }
-                Err(message) => finished(instance, Status::Failed(message), key, None, msg.duration),
+                Err(message) => {
+                    finished(instance, Status::Failed(message), key, None, msg.duration)
+                }
             };
             observer.stage_finished(&outcome);
             outcomes[msg.index] = Some(outcome);
@@ -301,7 +371,13 @@ fn failed_name(outcomes: &[Option<Outcome>], dep: usize) -> Option<String> {
 }
 
 fn skipped(instance: &StageInstance, failed: String) -> Outcome {
-    finished(instance, Status::Skipped { failed }, None, None, Duration::ZERO)
+    finished(
+        instance,
+        Status::Skipped { failed },
+        None,
+        None,
+        Duration::ZERO,
+    )
 }
 
 fn finished(
@@ -311,7 +387,13 @@ fn finished(
     output_hash: Option<String>,
     duration: Duration,
 ) -> Outcome {
-    Outcome { name: instance.name.clone(), status, key, output_hash, duration }
+    Outcome {
+        name: instance.name.clone(),
+        status,
+        key,
+        output_hash,
+        duration,
+    }
 }
 
 /// Worker side: lock the key, build unless someone else just did, commit.
@@ -328,18 +410,24 @@ fn build(
     observer: &dyn RunObserver,
 ) -> Result<(Artifact, bool, Option<Staging>), String> {
     let instance = &recipe.instances[index];
-    let events = ObserverLockEvents { observer, name: &instance.name };
+    let events = ObserverLockEvents {
+        observer,
+        name: &instance.name,
+    };
     let _lock = if instance.cache {
         let lock = store.lock(&key, &events).map_err(|err| err.to_string())?;
         if let Lookup::Hit(artifact) = store.lookup(&key).map_err(|err| err.to_string())? {
-            return Ok((artifact, true, None));
+            return Ok((*artifact, true, None));
         }
         Some(lock)
     } else {
         None
     };
     let staging = store.begin(&key).map_err(|err| err.to_string())?;
-    let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let started_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let start = Instant::now();
     let job = Job {
         stage_id: &instance.name,
@@ -351,7 +439,9 @@ fn build(
         inputs,
         out_dir: staging.out_dir.clone(),
     };
-    executor.execute(&job, reporter).map_err(|err| err.to_string())?;
+    executor
+        .execute(&job, reporter)
+        .map_err(|err| err.to_string())?;
     let manifest = Manifest {
         key: key.to_hex(),
         stage: instance.name.clone(),
@@ -363,12 +453,22 @@ fn build(
         watchfire_version: WATCHFIRE_VERSION.to_string(),
     };
     if instance.cache {
-        let artifact = store.commit(staging, manifest).map_err(|err| err.to_string())?;
+        let artifact = store
+            .commit(staging, manifest)
+            .map_err(|err| err.to_string())?;
         return Ok((artifact, false, None));
     }
     let files = scan_dir(&staging.out_dir).map_err(|err| err.to_string())?;
-    let manifest = Manifest { output_hash: hash_entries(&files), files, ..manifest };
-    let artifact = Artifact { key, dir: staging.out_dir.clone(), manifest };
+    let manifest = Manifest {
+        output_hash: hash_entries(&files),
+        files,
+        ..manifest
+    };
+    let artifact = Artifact {
+        key,
+        dir: staging.out_dir.clone(),
+        manifest,
+    };
     Ok((artifact, false, Some(staging)))
 }
 
@@ -405,9 +505,15 @@ fn save_refs(
     let mut refs = store.refs(&recipe.path)?;
     refs.recipe = recipe.path.display().to_string();
     for outcome in outcomes.iter().flatten() {
-        let ok = matches!(outcome.status, Status::Cached | Status::Ran | Status::BuiltElsewhere);
+        let ok = matches!(
+            outcome.status,
+            Status::Cached | Status::Ran | Status::BuiltElsewhere
+        );
         if let (true, Some(fields)) = (ok, report.fields.get(&outcome.name)) {
-            let entry = RefEntry { key: fields.key().to_hex(), fields: fields.clone() };
+            let entry = RefEntry {
+                key: fields.key().to_hex(),
+                fields: fields.clone(),
+            };
             refs.instances.insert(outcome.name.clone(), entry);
         }
     }

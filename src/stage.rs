@@ -34,7 +34,11 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { param: param.into(), message: message.into(), help: None }
+        Self {
+            param: param.into(),
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -57,7 +61,11 @@ pub enum StageError {
     Io(#[from] std::io::Error),
     /// Bad data in an input file; `line` is 1-based.
     #[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
-    Data { file: PathBuf, line: Option<usize>, message: String },
+    Data {
+        file: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
     #[error("input `{0}` was not given")]
     MissingInput(String),
     #[error("{0}")]
@@ -66,7 +74,11 @@ pub enum StageError {
 
 impl StageError {
     pub fn data(file: impl Into<PathBuf>, line: Option<usize>, message: impl Into<String>) -> Self {
-        Self::Data { file: file.into(), line, message: message.into() }
+        Self::Data {
+            file: file.into(),
+            line,
+            message: message.into(),
+        }
     }
 
     pub fn failed(message: impl Into<String>) -> Self {
@@ -137,7 +149,11 @@ impl StageContext<'_> {
     /// otherwise `file` inside the input directory.
     pub fn input_file(&self, name: &str, file: &str) -> Result<PathBuf, StageError> {
         let path = self.input(name)?;
-        Ok(if path.is_dir() { path.join(file) } else { path.to_path_buf() })
+        Ok(if path.is_dir() {
+            path.join(file)
+        } else {
+            path.to_path_buf()
+        })
     }
 
     /// Where to write one of the kind's declared outputs.
@@ -170,7 +186,10 @@ pub trait StageKind: Send + Sync {
 #[derive(Debug, Clone)]
 pub enum ParamIssue {
     /// Did not deserialize: the path below `params` and serde's message.
-    Parse { path: Vec<String>, message: String },
+    Parse {
+        path: Vec<String>,
+        message: String,
+    },
     Range(ParamError),
 }
 
@@ -213,7 +232,10 @@ impl<S: Stage> StageKind for Erased<S> {
     fn resolve_params(&self, params: serde_json::Value) -> Result<serde_json::Value, ParamIssue> {
         let typed: S::Params = serde_path_to_error::deserialize(params).map_err(|err| {
             let path = err.path().iter().map(|seg| seg.to_string()).collect();
-            ParamIssue::Parse { path, message: err.inner().to_string() }
+            ParamIssue::Parse {
+                path,
+                message: err.inner().to_string(),
+            }
         })?;
         typed.validate().map_err(ParamIssue::Range)?;
         serde_json::to_value(&typed).map_err(|err| ParamIssue::Parse {

@@ -29,7 +29,10 @@ impl FileHashes {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        Self { path, memo: Mutex::new((memo, false)) }
+        Self {
+            path,
+            memo: Mutex::new((memo, false)),
+        }
     }
 
     /// The content hash of a file, or of a folder's files and their paths.
@@ -45,7 +48,10 @@ impl FileHashes {
                 continue;
             }
             let meta = entry.metadata().map_err(std::io::Error::other)?;
-            let rel = entry.path().strip_prefix(path).map_err(std::io::Error::other)?;
+            let rel = entry
+                .path()
+                .strip_prefix(path)
+                .map_err(std::io::Error::other)?;
             entries.push(FileEntry {
                 path: rel.to_string_lossy().replace('\\', "/"),
                 size: meta.len(),
@@ -59,20 +65,30 @@ impl FileHashes {
     fn hash_file(&self, path: &Path, meta: &std::fs::Metadata) -> std::io::Result<String> {
         let name = path.to_string_lossy().to_string();
         let (size, mtime) = (meta.len(), mtime_ns(meta));
-        if let Some(memo) = self.lock().0.get(&name) {
-            if memo.size == size && memo.mtime_ns == mtime {
-                return Ok(memo.hash.clone());
-            }
+        if let Some(memo) = self.lock().0.get(&name)
+            && memo.size == size
+            && memo.mtime_ns == mtime
+        {
+            return Ok(memo.hash.clone());
         }
         let hash = hash_file(path)?;
         let mut guard = self.lock();
-        guard.0.insert(name, Memo { size, mtime_ns: mtime, hash: hash.clone() });
+        guard.0.insert(
+            name,
+            Memo {
+                size,
+                mtime_ns: mtime,
+                hash: hash.clone(),
+            },
+        );
         guard.1 = true;
         Ok(hash)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<String, Memo>, bool)> {
-        self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.memo
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Writes the memo back if it learnt anything.

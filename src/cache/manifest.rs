@@ -56,7 +56,11 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
 pub fn hash_entries(entries: &[FileEntry]) -> String {
     let mut hasher = blake3::Hasher::new();
     for entry in entries {
-        hasher.update(entry.path.as_bytes()).update(&[0]).update(entry.hash.as_bytes()).update(&[0]);
+        hasher
+            .update(entry.path.as_bytes())
+            .update(&[0])
+            .update(entry.hash.as_bytes())
+            .update(&[0]);
     }
     hasher.finalize().to_hex().to_string()
 }
@@ -77,7 +81,10 @@ pub fn scan_dir(dir: &Path) -> std::io::Result<Vec<FileEntry>> {
         if !entry.file_type().is_file() {
             continue;
         }
-        let rel = entry.path().strip_prefix(dir).map_err(std::io::Error::other)?;
+        let rel = entry
+            .path()
+            .strip_prefix(dir)
+            .map_err(std::io::Error::other)?;
         let meta = entry.metadata().map_err(std::io::Error::other)?;
         entries.push(FileEntry {
             path: rel.to_string_lossy().replace('\\', "/"),

@@ -10,4 +10,6 @@ pub use files::FileHashes;
 pub use key::{CacheKey, InputKey, KeyFields, WATCHFIRE_VERSION};
 pub use local::{FORMAT, LocalStore, write_atomic};
 pub use manifest::{FileEntry, Manifest, hash_entries, hash_file, scan_dir};
-pub use store::{Artifact, KeyLock, LockEvents, Lookup, RecipeRefs, RefEntry, Staging, Store, StoreError};
+pub use store::{
+    Artifact, KeyLock, LockEvents, Lookup, RecipeRefs, RefEntry, Staging, Store, StoreError,
+};

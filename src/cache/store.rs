@@ -18,7 +18,10 @@ pub enum StoreError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("bad manifest {path}: {source}")]
-    Manifest { path: PathBuf, source: serde_json::Error },
+    Manifest {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// A stored, verified artifact.
@@ -33,11 +36,14 @@ pub struct Artifact {
 /// What [`Store::lookup`] found.
 #[derive(Debug)]
 pub enum Lookup {
-    Hit(Artifact),
+    Hit(Box<Artifact>),
     Miss,
     /// The artifact existed but its content no longer matched its manifest;
     /// it has been removed and must be rebuilt.
-    Corrupt { key: CacheKey, file: String },
+    Corrupt {
+        key: CacheKey,
+        file: String,
+    },
 }
 
 /// A stage's scratch folder while it runs; dropped without commit, it is
@@ -81,7 +87,8 @@ pub trait Store: Send + Sync {
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
     /// Blocks until this process owns `key`. `on_wait` is called once if it
     /// has to wait, `on_stale` if a dead process's lock was broken.
-    fn lock(&self, key: &CacheKey, events: &dyn LockEvents) -> Result<Box<dyn KeyLock>, StoreError>;
+    fn lock(&self, key: &CacheKey, events: &dyn LockEvents)
+    -> Result<Box<dyn KeyLock>, StoreError>;
     /// A fresh, empty folder for a stage to write into.
     fn begin(&self, key: &CacheKey) -> Result<Staging, StoreError>;
     /// Hashes the staged files, writes the manifest and moves the artifact

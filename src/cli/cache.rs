@@ -40,7 +40,10 @@ pub fn cache(global: &Global, command: CacheCommand) -> miette::Result<ExitCode>
 fn ls(global: &Global) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, None))?;
     let manifests = store.list().map_err(|err| miette::miette!("{err}"))?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut table = Table::new(&["key", "stage", "kind", "files", "size", "age"]);
     let mut total = 0;
     for manifest in &manifests {
@@ -55,7 +58,12 @@ fn ls(global: &Global) -> miette::Result<ExitCode> {
         ]);
     }
     print!("{}", table.render());
-    println!("{} artifacts, {} in {}", manifests.len(), bytes(total), store.location());
+    println!(
+        "{} artifacts, {} in {}",
+        manifests.len(),
+        bytes(total),
+        store.location()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -75,9 +83,12 @@ fn gc(global: &Global, recipes: &[PathBuf]) -> miette::Result<ExitCode> {
         let recipe = load(global, path, &[])?;
         let dir = cache_dir(global, Some(&recipe));
         let store = open_store(&dir)?;
-        let entries = watchfire::plan::plan(&recipe, &store).map_err(|err| miette::miette!("{err}"))?;
+        let entries =
+            watchfire::plan::plan(&recipe, &store).map_err(|err| miette::miette!("{err}"))?;
         keep.extend(entries.iter().filter_map(|e| e.key.map(|k| k.to_hex())));
-        let refs = store.refs(&recipe.path).map_err(|err| miette::miette!("{err}"))?;
+        let refs = store
+            .refs(&recipe.path)
+            .map_err(|err| miette::miette!("{err}"))?;
         keep.extend(refs.instances.values().map(|entry| entry.key.clone()));
         store_dir.get_or_insert(dir);
     }
@@ -94,8 +105,14 @@ fn gc(global: &Global, recipes: &[PathBuf]) -> miette::Result<ExitCode> {
             println!("removed {} ({})", &manifest.key[..12], manifest.stage);
         }
     }
-    freed += store.clean_staging().map_err(|err| miette::miette!("{err}"))?;
-    println!("removed {removed} artifacts, freed {}; kept {}", bytes(freed), keep.len());
+    freed += store
+        .clean_staging()
+        .map_err(|err| miette::miette!("{err}"))?;
+    println!(
+        "removed {removed} artifacts, freed {}; kept {}",
+        bytes(freed),
+        keep.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -104,15 +121,25 @@ fn verify(global: &Global, fix: bool) -> miette::Result<ExitCode> {
     let mut bad = 0;
     let manifests = store.list().map_err(|err| miette::miette!("{err}"))?;
     for manifest in &manifests {
-        let Some(key) = CacheKey::parse(&manifest.key) else { continue };
+        let Some(key) = CacheKey::parse(&manifest.key) else {
+            continue;
+        };
         if let Some(file) = store.verify(&key).map_err(|err| miette::miette!("{err}"))? {
             bad += 1;
-            println!("corrupt {} ({}): `{file}` does not match its hash", &manifest.key[..12], manifest.stage);
+            println!(
+                "corrupt {} ({}): `{file}` does not match its hash",
+                &manifest.key[..12],
+                manifest.stage
+            );
             if fix {
                 store.remove(&key).map_err(|err| miette::miette!("{err}"))?;
             }
         }
     }
     println!("{} artifacts checked, {bad} corrupt", manifests.len());
-    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -81,7 +81,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.global);
     miette::set_hook(Box::new(|_| {
-        Box::new(miette::MietteHandlerOpts::new().terminal_links(false).width(100).build())
+        Box::new(
+            miette::MietteHandlerOpts::new()
+                .terminal_links(false)
+                .width(100)
+                .build(),
+        )
     }))
     .ok();
     let result = match cli.command {
@@ -121,7 +126,10 @@ fn init_tracing(global: &Global) {
 
 /// Loads a recipe with the global options applied.
 pub fn load(global: &Global, path: &Path, variants: &[String]) -> miette::Result<Recipe> {
-    let options = LoadOptions { data_roots: global.data_roots.clone(), variants: variants.to_vec() };
+    let options = LoadOptions {
+        data_roots: global.data_roots.clone(),
+        variants: variants.to_vec(),
+    };
     watchfire::recipe::load(path, &options)
 }
 

@@ -59,10 +59,10 @@ impl Reporter for CliReporter {
             Some(total) => ProgressBar::new(total),
             None => ProgressBar::new_spinner(),
         };
-        let template = format!(
-            "{{prefix:>12.cyan}} {{bar:30}} {{pos}}/{{len}} {unit} ({{per_sec}}) {{msg}}"
-        );
-        let style = ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar());
+        let template =
+            format!("{{prefix:>12.cyan}} {{bar:30}} {{pos}}/{{len}} {unit} ({{per_sec}}) {{msg}}");
+        let style = ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
         let bar = bars.add(bar.with_style(style).with_prefix(stage.to_string()));
         Progress::new(Arc::new(Bar(bar)))
     }
@@ -78,7 +78,8 @@ impl RunObserver for CliObserver<'_> {
     fn key_computed(&self, name: &str, fields: &KeyFields, key: &CacheKey) {
         if self.verbose >= 2 {
             let json = serde_json::to_string_pretty(fields).unwrap_or_default();
-            self.reporter.println(&format!("key of `{name}` = {key}\n{json}"));
+            self.reporter
+                .println(&format!("key of `{name}` = {key}\n{json}"));
         }
     }
 
@@ -87,7 +88,12 @@ impl RunObserver for CliObserver<'_> {
     }
 
     fn stage_finished(&self, outcome: &Outcome) {
-        tracing::info!("`{}` {} in {}", outcome.name, status_word(&outcome.status), duration(outcome.duration));
+        tracing::info!(
+            "`{}` {} in {}",
+            outcome.name,
+            status_word(&outcome.status),
+            duration(outcome.duration)
+        );
     }
 
     fn notice(&self, message: &str) {
@@ -133,7 +139,9 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
-        Self { rows: vec![header.iter().map(|h| h.to_string()).collect()] }
+        Self {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -143,7 +151,14 @@ impl Table {
     pub fn render(&self) -> String {
         let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..columns)
-            .map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         let mut out = String::new();
         for row in &self.rows {

@@ -44,23 +44,47 @@ pub fn run(global: &Global, args: RunArgs) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, Some(&recipe)))?;
     super::show::remember_recipe(&store, &recipe);
     let reporter = CliReporter::new(global);
-    let observer = CliObserver { reporter: &reporter, verbose: global.verbose };
-    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = RunOptions { jobs, gpus: 0, policy: None };
-    let report = watchfire::scheduler::run(&recipe, &store, &LocalExecutor, &reporter, &observer, &options)
-        .map_err(|err| miette::miette!("cache: {err}"))?;
+    let observer = CliObserver {
+        reporter: &reporter,
+        verbose: global.verbose,
+    };
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = RunOptions {
+        jobs,
+        gpus: 0,
+        policy: None,
+    };
+    let report = watchfire::scheduler::run(
+        &recipe,
+        &store,
+        &LocalExecutor,
+        &reporter,
+        &observer,
+        &options,
+    )
+    .map_err(|err| miette::miette!("cache: {err}"))?;
     print_failures(&report);
     if !global.quiet {
         print_summary(&recipe, &report, start.elapsed());
     }
-    Ok(if report.failed() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn print_failures(report: &RunReport) {
     for outcome in &report.outcomes {
         match &outcome.status {
-            Status::Failed(message) => eprintln!("error: stage `{}` failed: {message}", outcome.name),
-            Status::Refused(message) => eprintln!("error: stage `{}` refused: {message}", outcome.name),
+            Status::Failed(message) => {
+                eprintln!("error: stage `{}` failed: {message}", outcome.name)
+            }
+            Status::Refused(message) => {
+                eprintln!("error: stage `{}` refused: {message}", outcome.name)
+            }
             _ => {}
         }
     }
@@ -69,7 +93,11 @@ fn print_failures(report: &RunReport) {
 fn print_summary(recipe: &Recipe, report: &RunReport, elapsed: std::time::Duration) {
     let total = report.outcomes.len();
     if report.ran() == 0 && !report.failed() {
-        println!("{}: nothing to do, all {total} stages cached ({})", recipe.name, duration(elapsed));
+        println!(
+            "{}: nothing to do, all {total} stages cached ({})",
+            recipe.name,
+            duration(elapsed)
+        );
         return;
     }
     let mut table = Table::new(&["stage", "kind", "status", "time", "key"]);
@@ -80,7 +108,13 @@ fn print_summary(recipe: &Recipe, report: &RunReport, elapsed: std::time::Durati
         };
         let key = outcome.key.map(|k| k.short()).unwrap_or_default();
         let kind = instance.kind.kind().to_string();
-        table.row(vec![outcome.name.clone(), kind, status, duration(outcome.duration), key]);
+        table.row(vec![
+            outcome.name.clone(),
+            kind,
+            status,
+            duration(outcome.duration),
+            key,
+        ]);
     }
     print!("{}", table.render());
     let count = |f: fn(&Status) -> bool| report.outcomes.iter().filter(|o| f(&o.status)).count();
@@ -120,12 +154,17 @@ fn print_plan(global: &Global, recipe: &Recipe) -> miette::Result<ExitCode> {
                 ("run", format!("waits on `{dep}`, which will run"))
             }
         };
-        table.row(vec![entry.name.clone(), entry.kind.clone(), word.to_string(), why]);
-        if global.verbose >= 2 {
-            if let Some(fields) = &entry.fields {
-                let json = serde_json::to_string_pretty(fields).unwrap_or_default();
-                eprintln!("key of `{}`\n{json}", entry.name);
-            }
+        table.row(vec![
+            entry.name.clone(),
+            entry.kind.clone(),
+            word.to_string(),
+            why,
+        ]);
+        if global.verbose >= 2
+            && let Some(fields) = &entry.fields
+        {
+            let json = serde_json::to_string_pretty(fields).unwrap_or_default();
+            eprintln!("key of `{}`\n{json}", entry.name);
         }
     }
     print!("{}", table.render());

@@ -35,7 +35,10 @@ pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
         None => {
             let store = open_store(&cache_dir(global, None))?;
             let last = std::fs::read_to_string(store.root().join(LAST_RECIPE)).map_err(|_| {
-                miette::miette!(help = "pass the recipe with `--recipe FILE`", "no recipe has been run with this cache yet")
+                miette::miette!(
+                    help = "pass the recipe with `--recipe FILE`",
+                    "no recipe has been run with this cache yet"
+                )
             })?;
             PathBuf::from(last)
         }
@@ -48,13 +51,20 @@ pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
         let hint = watchfire::recipe::did_you_mean(&args.stage, names.iter().copied())
             .map(|best| format!("did you mean `{best}`?"))
             .unwrap_or_else(|| format!("stages: {}", names.join(", ")));
-        return Err(miette::miette!(help = hint, "`{}` has no stage `{}`", recipe.name, args.stage));
+        return Err(miette::miette!(
+            help = hint,
+            "`{}` has no stage `{}`",
+            recipe.name,
+            args.stage
+        ));
     };
     let entry = &entries[index];
     println!("stage     {} (kind {})", entry.name, entry.kind);
     match (&entry.decision, entry.key) {
         (Decision::Cached, Some(key)) => print_artifact(&store, &key)?,
-        (Decision::Run(reasons), _) => println!("artifact  none: would run ({})", reasons.join("; ")),
+        (Decision::Run(reasons), _) => {
+            println!("artifact  none: would run ({})", reasons.join("; "))
+        }
         (Decision::Waits(dep), _) => println!("artifact  none: waits on `{dep}`"),
         (Decision::Cached, None) => {}
     }
@@ -73,10 +83,17 @@ fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miett
     println!("key       {}", manifest.key);
     println!("artifact  {}", artifact.dir.display());
     println!("output    {}", manifest.output_hash);
-    println!("built in  {} ms by watchfire {}", manifest.duration_ms, manifest.watchfire_version);
+    println!(
+        "built in  {} ms by watchfire {}",
+        manifest.duration_ms, manifest.watchfire_version
+    );
     let mut table = Table::new(&["file", "size", "blake3"]);
     for file in &manifest.files {
-        table.row(vec![file.path.clone(), bytes(file.size), file.hash[..16].to_string()]);
+        table.row(vec![
+            file.path.clone(),
+            bytes(file.size),
+            file.hash[..16].to_string(),
+        ]);
     }
     for line in table.render().lines() {
         println!("  {line}");
@@ -88,8 +105,16 @@ fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miett
 
 fn print_lineage(recipe: &Recipe, entries: &[PlanEntry], index: usize, depth: usize) {
     let instance = &recipe.instances[index];
-    let key = entries[index].key.map(|k| k.short()).unwrap_or_else(|| "(not built)".to_string());
-    println!("{}{} [{}] {key}", "  ".repeat(depth), instance.name, instance.kind.kind());
+    let key = entries[index]
+        .key
+        .map(|k| k.short())
+        .unwrap_or_else(|| "(not built)".to_string());
+    println!(
+        "{}{} [{}] {key}",
+        "  ".repeat(depth),
+        instance.name,
+        instance.kind.kind()
+    );
     for (slot, binding) in &instance.inputs {
         match binding {
             InputBinding::Stage { instance: dep, .. } => {

@@ -67,9 +67,15 @@ impl RecipeErrorKind {
 pub struct RecipeError {
     pub kind: RecipeErrorKind,
     pub message: String,
+    /// Boxed so that `Result<_, RecipeError>` stays small.
+    detail: Box<Detail>,
+}
+
+#[derive(Debug, Clone)]
+struct Detail {
     /// (span, label); the first is the primary one.
-    pub labels: Vec<(Range<usize>, String)>,
-    pub help: Option<String>,
+    labels: Vec<(Range<usize>, String)>,
+    help: Option<String>,
     source: NamedSource<Arc<str>>,
 }
 
@@ -79,16 +85,25 @@ impl RecipeError {
         source: &NamedSource<Arc<str>>,
         message: impl Into<String>,
     ) -> Self {
-        Self { kind, message: message.into(), labels: Vec::new(), help: None, source: source.clone() }
+        let detail = Detail {
+            labels: Vec::new(),
+            help: None,
+            source: source.clone(),
+        };
+        Self {
+            kind,
+            message: message.into(),
+            detail: Box::new(detail),
+        }
     }
 
     pub fn label(mut self, span: Range<usize>, label: impl Into<String>) -> Self {
-        self.labels.push((span, label.into()));
+        self.detail.labels.push((span, label.into()));
         self
     }
 
     pub fn help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.detail.help = Some(help.into());
         self
     }
 
@@ -100,20 +115,32 @@ impl RecipeError {
         }
     }
 
+    pub fn help_text(&self) -> Option<&str> {
+        self.detail.help.as_deref()
+    }
+
+    /// Every (span, label), the primary one first.
+    pub fn labels(&self) -> &[(Range<usize>, String)] {
+        &self.detail.labels
+    }
+
     /// The primary span, for tests.
     pub fn span(&self) -> Option<Range<usize>> {
-        self.labels.first().map(|(span, _)| span.clone())
+        self.detail.labels.first().map(|(span, _)| span.clone())
     }
 
     /// The text under the primary span, for tests.
     pub fn spanned_text(&self) -> Option<String> {
         let span = self.span()?;
-        self.source.inner().get(span).map(str::to_string)
+        self.detail.source.inner().get(span).map(str::to_string)
     }
 }
 
 /// The candidate closest to `wrong`, when it is close enough to be a typo.
-pub fn did_you_mean<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    wrong: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|candidate| (strsim::jaro_winkler(wrong, candidate), candidate))
@@ -136,15 +163,18 @@ impl Diagnostic for RecipeError {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.help.as_ref().map(|help| Box::new(help) as Box<dyn fmt::Display>)
+        self.detail
+            .help
+            .as_ref()
+            .map(|help| Box::new(help) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn SourceCode> {
-        Some(&self.source)
+        Some(&self.detail.source)
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        Some(Box::new(self.labels.iter().map(|(span, label)| {
+        Some(Box::new(self.detail.labels.iter().map(|(span, label)| {
             LabeledSpan::new_with_span(Some(label.clone()), span.clone())
         })))
     }

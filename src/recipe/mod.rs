@@ -132,13 +132,21 @@ pub fn parse(text: &str, name: &str) -> Result<ParsedRecipe, RecipeError> {
     let spans = SpanIndex::build(text);
     if let Some((offset, message)) = spans.syntax_error.clone() {
         let at = offset.min(text.len());
-        return Err(RecipeError::new(RecipeErrorKind::Syntax, &source, "the recipe is not valid YAML")
-            .label(at..at, message)
-            .help("check indentation and quoting around this point"));
+        return Err(RecipeError::new(
+            RecipeErrorKind::Syntax,
+            &source,
+            "the recipe is not valid YAML",
+        )
+        .label(at..at, message)
+        .help("check indentation and quoting around this point"));
     }
     if let Some(dup) = spans.duplicates.first() {
         let name = dup.path.last().cloned().unwrap_or_default();
-        let what = if dup.path.len() == 2 && dup.path[0] == "stages" { "stage id" } else { "key" };
+        let what = if dup.path.len() == 2 && dup.path[0] == "stages" {
+            "stage id"
+        } else {
+            "key"
+        };
         return Err(RecipeError::new(
             RecipeErrorKind::DuplicateId,
             &source,
@@ -151,7 +159,11 @@ pub fn parse(text: &str, name: &str) -> Result<ParsedRecipe, RecipeError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     let file: RecipeFile = serde_path_to_error::deserialize(deserializer)
         .map_err(|err| serde_error(&source, &spans, err))?;
-    Ok(ParsedRecipe { file, spans, source })
+    Ok(ParsedRecipe {
+        file,
+        spans,
+        source,
+    })
 }
 
 fn serde_error(
@@ -177,7 +189,11 @@ pub(crate) fn placed_serde_error(
     if let Some((field, expected)) = unknown_field(message) {
         let mut key_path = path.to_vec();
         key_path.push(field.clone());
-        let where_ = if dotted.is_empty() { "the recipe".to_string() } else { format!("`{dotted}`") };
+        let where_ = if dotted.is_empty() {
+            "the recipe".to_string()
+        } else {
+            format!("`{dotted}`")
+        };
         let err = RecipeError::new(
             RecipeErrorKind::UnknownKey,
             source,
@@ -192,17 +208,32 @@ pub(crate) fn placed_serde_error(
         };
     }
     if let Some(field) = between(message, "missing field `", "`") {
-        let at = if path.is_empty() { 0..0 } else { spans.key_or_value(path) };
+        let at = if path.is_empty() {
+            0..0
+        } else {
+            spans.key_or_value(path)
+        };
         return RecipeError::new(
             RecipeErrorKind::Invalid,
             source,
-            format!("missing key `{field}`{}", if dotted.is_empty() { String::new() } else { format!(" in `{dotted}`") }),
+            format!(
+                "missing key `{field}`{}",
+                if dotted.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in `{dotted}`")
+                }
+            ),
         )
         .label(at, format!("`{field}` is required here"))
         .help(format!("add `{field}:`"));
     }
-    RecipeError::new(RecipeErrorKind::Invalid, source, format!("`{dotted}`: {message}"))
-        .label(spans.value_or_ancestor(path), message.to_string())
+    RecipeError::new(
+        RecipeErrorKind::Invalid,
+        source,
+        format!("`{dotted}`: {message}"),
+    )
+    .label(spans.value_or_ancestor(path), message.to_string())
 }
 
 /// serde_yaml appends " at line L column C"; the span already says where.
@@ -224,7 +255,11 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
     let expected = message
         .split_once("expected")
         .map(|(_, rest)| {
-            rest.split('`').skip(1).step_by(2).map(str::to_string).collect::<Vec<_>>()
+            rest.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
         })
         .unwrap_or_default();
     Some((field, expected))

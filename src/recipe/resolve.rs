@@ -71,7 +71,10 @@ pub struct StageInstance {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InputBinding {
     /// Another instance's artifact, or one file of it.
-    Stage { instance: usize, output: Option<String> },
+    Stage {
+        instance: usize,
+        output: Option<String>,
+    },
     /// A file or folder; `display` is how the recipe author sees it.
     Path { display: String, abs: PathBuf },
 }
@@ -79,13 +82,18 @@ pub enum InputBinding {
 /// Reads, parses and resolves the recipe at `path`.
 pub fn load(path: &Path, options: &LoadOptions) -> miette::Result<Recipe> {
     let text = fs_err::read_to_string(path).map_err(|err| miette::miette!("{err}"))?;
-    let abs = std::path::absolute(path).map_err(|err| miette::miette!("{}: {err}", path.display()))?;
+    let abs =
+        std::path::absolute(path).map_err(|err| miette::miette!("{}: {err}", path.display()))?;
     let parsed = parse(&text, &path.display().to_string())?;
     Ok(resolve(parsed, &abs, options)?)
 }
 
 /// Checks a parsed recipe against the stage kinds and the file system.
-pub fn resolve(parsed: ParsedRecipe, path: &Path, options: &LoadOptions) -> Result<Recipe, RecipeError> {
+pub fn resolve(
+    parsed: ParsedRecipe,
+    path: &Path,
+    options: &LoadOptions,
+) -> Result<Recipe, RecipeError> {
     let recipe_dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let project_root = project_root(&recipe_dir);
     let mut ctx = Resolver {
@@ -148,9 +156,15 @@ struct Resolver<'a> {
     by_signature: HashMap<blake3::Hash, usize>,
 }
 
+/// A variant's name and its full params.
+type VariantParams = (String, IndexMap<String, Value>);
+
 /// An input reference before it is bound.
 enum Reference {
-    Stage { stage: String, output: Option<String> },
+    Stage {
+        stage: String,
+        output: Option<String>,
+    },
     Path(String),
 }
 
@@ -172,8 +186,14 @@ impl<'a> Resolver<'a> {
             let Some(kind) = find_kind(&decl.kind) else {
                 let names: Vec<&str> = registry().iter().map(|k| k.kind()).collect();
                 let err = self
-                    .error(K::UnknownKind, format!("stage `{id}` has unknown kind `{}`", decl.kind))
-                    .label(self.spans().value_or_ancestor(&["stages", id, "kind"]), "unknown kind");
+                    .error(
+                        K::UnknownKind,
+                        format!("stage `{id}` has unknown kind `{}`", decl.kind),
+                    )
+                    .label(
+                        self.spans().value_or_ancestor(&["stages", id, "kind"]),
+                        "unknown kind",
+                    );
                 return Err(match did_you_mean(&decl.kind, names.iter().copied()) {
                     Some(best) => err.help(format!("did you mean `{best}`?")),
                     None => err.help(format!("known kinds: {}", names.join(", "))),
@@ -185,15 +205,16 @@ impl<'a> Resolver<'a> {
     }
 
     /// Variant name -> its full params, `default` first.
-    fn expand_variants(
-        &self,
-        options: &LoadOptions,
-    ) -> Result<Vec<(String, IndexMap<String, Value>)>, RecipeError> {
+    fn expand_variants(&self, options: &LoadOptions) -> Result<Vec<VariantParams>, RecipeError> {
         let base = &self.parsed.file.params;
         let mut out = vec![(DEFAULT_VARIANT.to_string(), base.clone())];
         for (name, decl) in &self.parsed.file.variants {
             for key in decl.params.keys().chain(decl.matrix.keys()) {
-                let section = if decl.params.contains_key(key) { "params" } else { "matrix" };
+                let section = if decl.params.contains_key(key) {
+                    "params"
+                } else {
+                    "matrix"
+                };
                 if !base.contains_key(key) {
                     let span = self.spans().key_or_value(&["variants", name, section, key]);
                     return Err(self
@@ -203,12 +224,18 @@ impl<'a> Resolver<'a> {
                         .help_if_none(format!("declare `{key}` under the top-level `params` first")));
                 }
             }
-            let mut combos: Vec<(Vec<String>, IndexMap<String, Value>)> = vec![(Vec::new(), decl.params.clone())];
+            let mut combos: Vec<(Vec<String>, IndexMap<String, Value>)> =
+                vec![(Vec::new(), decl.params.clone())];
             for (key, values) in &decl.matrix {
                 if values.is_empty() {
-                    let span = self.spans().value_or_ancestor(&["variants", name, "matrix", key]);
+                    let span = self
+                        .spans()
+                        .value_or_ancestor(&["variants", name, "matrix", key]);
                     return Err(self
-                        .error(K::Invalid, format!("matrix param `{key}` of variant `{name}` has no values"))
+                        .error(
+                            K::Invalid,
+                            format!("matrix param `{key}` of variant `{name}` has no values"),
+                        )
                         .label(span, "empty list")
                         .help("give at least one value"));
                 }
@@ -226,7 +253,11 @@ impl<'a> Resolver<'a> {
                     .collect();
             }
             for (label, overrides) in combos {
-                let full = if label.is_empty() { name.clone() } else { format!("{name}[{}]", label.join(",")) };
+                let full = if label.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name}[{}]", label.join(","))
+                };
                 let mut params = base.clone();
                 params.extend(overrides);
                 out.push((full, params));
@@ -234,7 +265,10 @@ impl<'a> Resolver<'a> {
         }
         if !options.variants.is_empty() {
             out.retain(|(name, _)| {
-                options.variants.iter().any(|want| name == want || name.split('[').next() == Some(want))
+                options
+                    .variants
+                    .iter()
+                    .any(|want| name == want || name.split('[').next() == Some(want))
             });
         }
         Ok(out)
@@ -242,14 +276,23 @@ impl<'a> Resolver<'a> {
 
     fn check_variant_params(&self, used: &BTreeSet<String>) -> Result<(), RecipeError> {
         for (name, decl) in &self.parsed.file.variants {
-            let keys = decl.params.keys().map(|k| ("params", k)).chain(decl.matrix.keys().map(|k| ("matrix", k)));
+            let keys = decl
+                .params
+                .keys()
+                .map(|k| ("params", k))
+                .chain(decl.matrix.keys().map(|k| ("matrix", k)));
             for (section, key) in keys {
                 if !used.contains(key) {
                     let span = self.spans().key_or_value(&["variants", name, section, key]);
                     return Err(self
-                        .error(K::UnusedVariantParam, format!("variant `{name}` overrides `{key}`, but no stage reads it"))
+                        .error(
+                            K::UnusedVariantParam,
+                            format!("variant `{name}` overrides `{key}`, but no stage reads it"),
+                        )
                         .label(span, "this override changes nothing")
-                        .help(format!("use `${{params.{key}}}` in a stage's params, or drop the override")));
+                        .help(format!(
+                            "use `${{params.{key}}}` in a stage's params, or drop the override"
+                        )));
                 }
             }
         }
@@ -279,7 +322,10 @@ impl<'a> Resolver<'a> {
                 let binding = match reference {
                     Reference::Stage { stage, output } => {
                         let file = output.as_ref().map(|stem| self.output_file(stage, stem));
-                        InputBinding::Stage { instance: instance_of[stage], output: file }
+                        InputBinding::Stage {
+                            instance: instance_of[stage],
+                            output: file,
+                        }
                     }
                     Reference::Path(path) => self.bind_path(&id, slot, path)?,
                 };
@@ -291,20 +337,34 @@ impl<'a> Resolver<'a> {
         Ok(interp.used)
     }
 
-    fn stage_params(&self, interp: &mut Interpolator, id: &str, decl: &StageDecl) -> Result<Value, RecipeError> {
+    fn stage_params(
+        &self,
+        interp: &mut Interpolator,
+        id: &str,
+        decl: &StageDecl,
+    ) -> Result<Value, RecipeError> {
         let mut map = serde_json::Map::new();
         for (key, value) in &decl.params {
             let value = interp.value(value).map_err(|(below, err)| {
-                let mut path = vec!["stages".to_string(), id.to_string(), "params".to_string(), key.clone()];
+                let mut path = vec![
+                    "stages".to_string(),
+                    id.to_string(),
+                    "params".to_string(),
+                    key.clone(),
+                ];
                 path.extend(below);
-                self.error(K::UnknownInterpolation, format!("unknown interpolation `{}` in stage `{id}`", err.reference))
-                    .label(self.spans().value_or_ancestor(&path), "names nothing")
-                    .help(interpolation_help(interp))
+                self.error(
+                    K::UnknownInterpolation,
+                    format!("unknown interpolation `{}` in stage `{id}`", err.reference),
+                )
+                .label(self.spans().value_or_ancestor(&path), "names nothing")
+                .help(interpolation_help(interp))
             })?;
             map.insert(key.clone(), value);
         }
         let kind = self.kinds[id];
-        kind.resolve_params(Value::Object(map)).map_err(|issue| self.param_error(id, issue))
+        kind.resolve_params(Value::Object(map))
+            .map_err(|issue| self.param_error(id, issue))
     }
 
     fn param_error(&self, id: &str, issue: ParamIssue) -> RecipeError {
@@ -313,7 +373,8 @@ impl<'a> Resolver<'a> {
             ParamIssue::Parse { path, message } => {
                 let mut full = base.clone();
                 full.extend(path.iter().filter(|seg| *seg != "?").cloned());
-                let mut err = placed_serde_error(&self.parsed.source, self.spans(), &full, &message);
+                let mut err =
+                    placed_serde_error(&self.parsed.source, self.spans(), &full, &message);
                 if err.kind == K::Invalid && !path.is_empty() {
                     err.kind = K::ParamType;
                     err.message = format!("param `{}` of stage `{id}`: {message}", path.join("."));
@@ -324,7 +385,10 @@ impl<'a> Resolver<'a> {
                 let mut full = base;
                 full.extend(range.param.split('.').map(String::from));
                 let err = self
-                    .error(K::ParamRange, format!("param `{}` of stage `{id}` {}", range.param, range.message))
+                    .error(
+                        K::ParamRange,
+                        format!("param `{}` of stage `{id}` {}", range.param, range.message),
+                    )
                     .label(self.spans().value_or_ancestor(&full), range.message.clone());
                 match range.help {
                     Some(help) => err.help(help),
@@ -347,7 +411,13 @@ impl<'a> Resolver<'a> {
             let path = ["stages", id, "inputs", slot.as_str()];
             if !slots.contains(&slot.as_str()) {
                 let err = self
-                    .error(K::UnknownInputSlot, format!("stage `{id}` (kind `{}`) has no input `{slot}`", kind.kind()))
+                    .error(
+                        K::UnknownInputSlot,
+                        format!(
+                            "stage `{id}` (kind `{}`) has no input `{slot}`",
+                            kind.kind()
+                        ),
+                    )
                     .label(self.spans().key_or_value(&path), "unknown input");
                 return Err(match did_you_mean(slot, slots.iter().copied()) {
                     Some(best) => err.help(format!("did you mean `{best}`?")),
@@ -359,7 +429,10 @@ impl<'a> Resolver<'a> {
                 Ok(other) => other.to_string(),
                 Err(err) => {
                     return Err(self
-                        .error(K::UnknownInterpolation, format!("unknown interpolation `{}` in stage `{id}`", err.reference))
+                        .error(
+                            K::UnknownInterpolation,
+                            format!("unknown interpolation `{}` in stage `{id}`", err.reference),
+                        )
                         .label(self.spans().value_or_ancestor(&path), "names nothing")
                         .help(interpolation_help(interp)));
                 }
@@ -370,9 +443,15 @@ impl<'a> Resolver<'a> {
             if !out.contains_key(spec.name) {
                 let span = self.spans().key_or_value(&["stages", id]);
                 return Err(self
-                    .error(K::MissingInput, format!("stage `{id}` needs input `{}`", spec.name))
+                    .error(
+                        K::MissingInput,
+                        format!("stage `{id}` needs input `{}`", spec.name),
+                    )
                     .label(span, format!("no `{}` under `inputs`", spec.name))
-                    .help(format!("add `inputs: {{ {}: STAGE_OR_PATH }}` ({})", spec.name, spec.doc)));
+                    .help(format!(
+                        "add `inputs: {{ {}: STAGE_OR_PATH }}` ({})",
+                        spec.name, spec.doc
+                    )));
             }
         }
         Ok(out)
@@ -386,10 +465,15 @@ impl<'a> Resolver<'a> {
             Some((stage, output)) => (stage, Some(output)),
             None => (text, None),
         };
-        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
+        let span = self
+            .spans()
+            .value_or_ancestor(&["stages", id, "inputs", slot]);
         let Some(kind) = self.kinds.get(stage) else {
             let err = self
-                .error(K::DanglingInput, format!("input `{slot}` of stage `{id}` names `{stage}`, which is not a stage"))
+                .error(
+                    K::DanglingInput,
+                    format!("input `{slot}` of stage `{id}` names `{stage}`, which is not a stage"),
+                )
                 .label(span, "no such stage");
             let ids = self.stages().keys().map(String::as_str);
             return Err(match did_you_mean(stage, ids) {
@@ -401,25 +485,41 @@ impl<'a> Resolver<'a> {
             let stems: Vec<&str> = kind.outputs().iter().map(|file| stem(file)).collect();
             if !stems.contains(&output) {
                 let err = self
-                    .error(K::DanglingInput, format!("stage `{stage}` (kind `{}`) has no output `{output}`", kind.kind()))
+                    .error(
+                        K::DanglingInput,
+                        format!(
+                            "stage `{stage}` (kind `{}`) has no output `{output}`",
+                            kind.kind()
+                        ),
+                    )
                     .label(span, "no such output");
                 return Err(match did_you_mean(output, stems.iter().copied()) {
                     Some(best) => err.help(format!("did you mean `{stage}.{best}`?")),
-                    None => err.help(format!("outputs of `{}`: {}", kind.kind(), stems.join(", "))),
+                    None => err.help(format!(
+                        "outputs of `{}`: {}",
+                        kind.kind(),
+                        stems.join(", ")
+                    )),
                 });
             }
         }
-        Ok(Reference::Stage { stage: stage.to_string(), output: output.map(str::to_string) })
+        Ok(Reference::Stage {
+            stage: stage.to_string(),
+            output: output.map(str::to_string),
+        })
     }
 
     fn output_file(&self, stage: &str, output_stem: &str) -> String {
         let kind = self.kinds[stage];
         let file = kind.outputs().iter().find(|file| stem(file) == output_stem);
-        file.map(|f| f.to_string()).unwrap_or_else(|| output_stem.to_string())
+        file.map(|f| f.to_string())
+            .unwrap_or_else(|| output_stem.to_string())
     }
 
     fn bind_path(&self, id: &str, slot: &str, text: &str) -> Result<InputBinding, RecipeError> {
-        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
+        let span = self
+            .spans()
+            .value_or_ancestor(&["stages", id, "inputs", slot]);
         let joined = normalize(&self.recipe_dir.join(text));
         let display = match joined.strip_prefix(&self.project_root) {
             Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
@@ -427,13 +527,22 @@ impl<'a> Resolver<'a> {
         };
         let Ok(real) = joined.canonicalize() else {
             return Err(self
-                .error(K::FileNotFound, format!("input `{slot}` of stage `{id}`: `{display}` does not exist"))
+                .error(
+                    K::FileNotFound,
+                    format!("input `{slot}` of stage `{id}`: `{display}` does not exist"),
+                )
                 .label(span, "no such file or folder")
-                .help(format!("paths are relative to the recipe's folder `{}`", self.recipe_dir.display())));
+                .help(format!(
+                    "paths are relative to the recipe's folder `{}`",
+                    self.recipe_dir.display()
+                )));
         };
         if !self.roots.iter().any(|root| real.starts_with(root)) {
             return Err(self
-                .error(K::PathEscapes, format!("input `{slot}` of stage `{id}`: `{text}` is outside the project"))
+                .error(
+                    K::PathEscapes,
+                    format!("input `{slot}` of stage `{id}`: `{text}` is outside the project"),
+                )
                 .label(span, "leaves the project folder")
                 .help(format!(
                     "recipes may only read inside `{}`; allow a data folder with `--data-root DIR`",
@@ -448,8 +557,10 @@ impl<'a> Resolver<'a> {
         resolved: &IndexMap<String, (Value, IndexMap<String, Reference>)>,
     ) -> Result<Vec<String>, RecipeError> {
         let mut graph: DiGraph<&str, &str> = DiGraph::new();
-        let nodes: IndexMap<&str, NodeIndex> =
-            resolved.keys().map(|id| (id.as_str(), graph.add_node(id.as_str()))).collect();
+        let nodes: IndexMap<&str, NodeIndex> = resolved
+            .keys()
+            .map(|id| (id.as_str(), graph.add_node(id.as_str())))
+            .collect();
         for (id, (_, refs)) in resolved {
             for (slot, reference) in refs {
                 if let Reference::Stage { stage, .. } = reference {
@@ -475,18 +586,32 @@ impl<'a> Resolver<'a> {
         for (i, &node) in path.iter().enumerate() {
             let from = graph[node];
             let to_node = path[(i + 1) % path.len()];
-            let edge = graph.find_edge(node, to_node).map(|e| graph[e]).unwrap_or("?");
-            let span = self.spans().value_or_ancestor(&["stages", graph[to_node], "inputs", edge]);
+            let edge = graph
+                .find_edge(node, to_node)
+                .map(|e| graph[e])
+                .unwrap_or("?");
+            let span = self
+                .spans()
+                .value_or_ancestor(&["stages", graph[to_node], "inputs", edge]);
             err = err.label(span, format!("`{}` reads `{from}`", graph[to_node]));
         }
         err.help("a stage cannot depend on its own output; break the loop by removing one of these inputs")
     }
 
     /// Shares instances across variants: same stage, params and inputs.
-    fn intern(&mut self, id: &str, variant: &str, params: Value, inputs: BTreeMap<String, InputBinding>) -> usize {
+    fn intern(
+        &mut self,
+        id: &str,
+        variant: &str,
+        params: Value,
+        inputs: BTreeMap<String, InputBinding>,
+    ) -> usize {
         let signature = signature(id, &params, &inputs);
         if let Some(&index) = self.by_signature.get(&signature) {
-            self.instances[index].instance.variants.push(variant.to_string());
+            self.instances[index]
+                .instance
+                .variants
+                .push(variant.to_string());
             return index;
         }
         let decl = &self.stages()[id];
@@ -523,7 +648,11 @@ trait HelpIfNone {
 
 impl HelpIfNone for RecipeError {
     fn help_if_none(self, help: String) -> Self {
-        if self.help.is_some() { self } else { self.help(help) }
+        if self.help_text().is_some() {
+            self
+        } else {
+            self.help(help)
+        }
     }
 }
 
@@ -589,7 +718,11 @@ fn interpolation_help(interp: &Interpolator) -> String {
     if interp.params.is_empty() {
         "the recipe declares no `params`; only `${params.NAME}` is supported".to_string()
     } else {
-        let names: Vec<String> = interp.params.keys().map(|k| format!("`${{params.{k}}}`")).collect();
+        let names: Vec<String> = interp
+            .params
+            .keys()
+            .map(|k| format!("`${{params.{k}}}`"))
+            .collect();
         format!("available: {}", names.join(", "))
     }
 }
@@ -608,7 +741,9 @@ fn stem(file: &str) -> &str {
 /// The project a recipe belongs to: the nearest folder up from it holding
 /// `.git` or `watchfire.toml`, else the recipe's own folder.
 pub fn project_root(recipe_dir: &Path) -> PathBuf {
-    let start = recipe_dir.canonicalize().unwrap_or_else(|_| recipe_dir.to_path_buf());
+    let start = recipe_dir
+        .canonicalize()
+        .unwrap_or_else(|_| recipe_dir.to_path_buf());
     start
         .ancestors()
         .find(|dir| dir.join(".git").exists() || dir.join("watchfire.toml").exists())
@@ -618,7 +753,11 @@ pub fn project_root(recipe_dir: &Path) -> PathBuf {
 
 fn allowed_roots(project_root: &Path, data_roots: &[PathBuf]) -> Vec<PathBuf> {
     std::iter::once(project_root.to_path_buf())
-        .chain(data_roots.iter().map(|root| root.canonicalize().unwrap_or_else(|_| root.clone())))
+        .chain(
+            data_roots
+                .iter()
+                .map(|root| root.canonicalize().unwrap_or_else(|_| root.clone())),
+        )
         .collect()
 }
 

@@ -90,7 +90,12 @@ impl SpanIndex {
             .filter(|(p, _)| {
                 p.len() == depth + 1 && p.iter().zip(path).all(|(a, b)| a == b.as_ref())
             })
-            .map(|(p, span)| (p[depth].clone(), span.key.clone().unwrap_or(span.value.clone())))
+            .map(|(p, span)| {
+                (
+                    p[depth].clone(),
+                    span.key.clone().unwrap_or(span.value.clone()),
+                )
+            })
             .collect();
         out.sort_by_key(|(_, span)| span.start);
         out
@@ -98,8 +103,15 @@ impl SpanIndex {
 }
 
 enum Frame {
-    Map { path: NodePath, key: Option<(String, Range<usize>)>, seen: HashMap<String, Range<usize>> },
-    Seq { path: NodePath, next: usize },
+    Map {
+        path: NodePath,
+        key: Option<(String, Range<usize>)>,
+        seen: HashMap<String, Range<usize>>,
+    },
+    Seq {
+        path: NodePath,
+        next: usize,
+    },
 }
 
 struct Builder<'a> {
@@ -113,14 +125,28 @@ struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     fn new(source: &'a str) -> Self {
-        let char_to_byte = (!source.is_ascii())
-            .then(|| source.char_indices().map(|(i, _)| i).chain([source.len()]).collect());
-        Self { source, char_to_byte, stack: Vec::new(), index: SpanIndex::default(), flow_depth: 0 }
+        let char_to_byte = (!source.is_ascii()).then(|| {
+            source
+                .char_indices()
+                .map(|(i, _)| i)
+                .chain([source.len()])
+                .collect()
+        });
+        Self {
+            source,
+            char_to_byte,
+            stack: Vec::new(),
+            index: SpanIndex::default(),
+            flow_depth: 0,
+        }
     }
 
     fn byte(&self, mark: Marker) -> usize {
         match &self.char_to_byte {
-            Some(table) => table.get(mark.index()).copied().unwrap_or(self.source.len()),
+            Some(table) => table
+                .get(mark.index())
+                .copied()
+                .unwrap_or(self.source.len()),
             None => mark.index().min(self.source.len()),
         }
     }
@@ -133,7 +159,13 @@ impl<'a> Builder<'a> {
                 let mut child = path.clone();
                 child.push(next.to_string());
                 *next += 1;
-                self.index.nodes.insert(child.clone(), NodeSpan { key: None, value: span });
+                self.index.nodes.insert(
+                    child.clone(),
+                    NodeSpan {
+                        key: None,
+                        value: span,
+                    },
+                );
                 Some(child)
             }
             Some(Frame::Map { path, key, seen }) => match key.take() {
@@ -156,7 +188,10 @@ impl<'a> Builder<'a> {
                 Some((name, key_span)) => {
                     let mut child = path.clone();
                     child.push(name);
-                    let node = NodeSpan { key: Some(key_span), value: span };
+                    let node = NodeSpan {
+                        key: Some(key_span),
+                        value: span,
+                    };
                     self.index.nodes.entry(child.clone()).or_insert(node);
                     Some(child)
                 }
@@ -231,18 +266,25 @@ impl MarkedEventReceiver for Builder<'_> {
                 }
                 let end = self.line_end(start);
                 if let Some(path) = self.place(start..end, None) {
-                    self.index
-                        .nodes
-                        .entry(path.clone())
-                        .or_insert(NodeSpan { key: None, value: start..end });
+                    self.index.nodes.entry(path.clone()).or_insert(NodeSpan {
+                        key: None,
+                        value: start..end,
+                    });
                     self.stack.push(if is_map {
-                        Frame::Map { path, key: None, seen: HashMap::new() }
+                        Frame::Map {
+                            path,
+                            key: None,
+                            seen: HashMap::new(),
+                        }
                     } else {
                         Frame::Seq { path, next: 0 }
                     });
                 } else {
                     // A container used as a mapping key: index nothing below it.
-                    self.stack.push(Frame::Seq { path: vec!["?".into()], next: 0 });
+                    self.stack.push(Frame::Seq {
+                        path: vec!["?".into()],
+                        next: 0,
+                    });
                 }
             }
             Event::MappingEnd | Event::SequenceEnd => {

@@ -49,14 +49,22 @@ impl Validate for DetailParams {
         if let Some(epsilon) = self.dp_epsilon
             && !(epsilon > 0.0 && epsilon <= 100.0)
         {
-            return Err(ParamError::new("dp_epsilon", "must be between 0 (exclusive) and 100")
-                .with_help("smaller is more private; 1.0 is a common choice"));
+            return Err(
+                ParamError::new("dp_epsilon", "must be between 0 (exclusive) and 100")
+                    .with_help("smaller is more private; 1.0 is a common choice"),
+            );
         }
         if !(0.0..=1000.0).contains(&self.dp_threshold) {
-            return Err(ParamError::new("dp_threshold", "must be between 0 and 1000"));
+            return Err(ParamError::new(
+                "dp_threshold",
+                "must be between 0 and 1000",
+            ));
         }
         if let Some(key) = self.attributes.keys().find(|k| k.trim().is_empty()) {
-            return Err(ParamError::new(format!("attributes.{key}"), "must not be empty"));
+            return Err(ParamError::new(
+                format!("attributes.{key}"),
+                "must not be empty",
+            ));
         }
         Ok(())
     }
@@ -82,7 +90,11 @@ impl Stage for Detail {
         value that agrees with them, and writes synthetic records with gold entity spans, a \
         synthetic marker and provenance. Optionally releases the seed's counts with Laplace noise.";
     const INPUTS: &'static [InputSpec] = &[
-        InputSpec { name: "templates", required: true, doc: "Output of a `scene` stage." },
+        InputSpec {
+            name: "templates",
+            required: true,
+            doc: "Output of a `scene` stage.",
+        },
         InputSpec {
             name: "seed",
             required: true,
@@ -95,9 +107,10 @@ impl Stage for Detail {
         let templates = read_templates(&ctx.input_file("templates", "templates.jsonl")?)?;
         let seed = read_records(&ctx.input_file("seed", "records.jsonl")?)?;
         let config = DetailConfig {
-            privacy: params
-                .dp_epsilon
-                .map(|epsilon| Privacy { epsilon, threshold: params.dp_threshold }),
+            privacy: params.dp_epsilon.map(|epsilon| Privacy {
+                epsilon,
+                threshold: params.dp_threshold,
+            }),
             pinned: params.attributes.clone(),
             stage_key: ctx.key.to_string(),
         };
@@ -116,7 +129,11 @@ impl Stage for Detail {
         };
         for record in &records {
             *stats.scenes.entry(record.scene.clone()).or_default() += 1;
-            let mode = record.provenance.as_ref().map(|p| p.mode.clone()).unwrap_or_default();
+            let mode = record
+                .provenance
+                .as_ref()
+                .map(|p| p.mode.clone())
+                .unwrap_or_default();
             *stats.modes.entry(mode).or_default() += 1;
         }
         write_jsonl(&ctx.output("records.jsonl"), &records)?;
@@ -132,4 +149,201 @@ fn read_templates(path: &std::path::Path) -> Result<Vec<Template>, StageError> {
                 .map_err(|e| StageError::data(path, Some(number), e.to_string()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::Record;
+    use crate::schema::EntitySchema;
+    use crate::stages::scene::{Scene, SceneParams};
+    use crate::synth::slot_class::{DayPart, Severity, SlotClass, parse_clock};
+    use crate::synth::template::Mode;
+    use crate::synth::testkit::{Harness, assert_spans_slice, tiny_seed};
+
+    fn generate(
+        h: &Harness,
+        mode: Mode,
+        params: &DetailParams,
+        seed: u64,
+    ) -> (String, Vec<Record>) {
+        let data = h.write_records("seed.jsonl", &tiny_seed());
+        let schema = EntitySchema::default();
+        let scene_params = SceneParams {
+            mode,
+            templates_per_scene: 10,
+            ..Default::default()
+        };
+        let templates = h
+            .run::<Scene>(&scene_params, &[("seed", &data)], 3, &schema)
+            .unwrap();
+        let inputs = [("templates", templates.as_path()), ("seed", data.as_path())];
+        let out = h.run::<Detail>(params, &inputs, seed, &schema).unwrap();
+        let text = std::fs::read_to_string(out.join("records.jsonl")).unwrap();
+        (
+            text,
+            crate::corpus::read_records(&out.join("records.jsonl")).unwrap(),
+        )
+    }
+
+    fn params(count: usize) -> DetailParams {
+        DetailParams {
+            count,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_carry_valid_spans_and_provenance() {
+        let h = Harness::new();
+        let (_, records) = generate(&h, Mode::Hierarchical, &params(500), 1);
+        assert_eq!(records.len(), 500);
+        assert_spans_slice(&records);
+        for r in &records {
+            assert!(r.synthetic);
+            let p = r.provenance.as_ref().unwrap();
+            assert_eq!(
+                (p.generator.as_str(), p.stage_key.as_str()),
+                ("watchfire detail", "testkey")
+            );
+            assert!(!p.seed_ids.is_empty());
+        }
+    }
+
+    #[test]
+    fn values_agree_with_attributes() {
+        let h = Harness::new();
+        let (_, records) = generate(&h, Mode::Hierarchical, &params(500), 2);
+        let seed = tiny_seed();
+        for r in &records {
+            let part = r
+                .attributes
+                .get("time_of_day")
+                .and_then(|v| DayPart::parse(v));
+            for e in &r.entities {
+                let value = e.value.as_deref().unwrap();
+                match SlotClass::of(&e.kind) {
+                    SlotClass::Time => {
+                        let clock = parse_clock(value).expect(value);
+                        assert_eq!(Some(DayPart::of_minute(clock)), part, "{}", r.text);
+                    }
+                    SlotClass::Fatalities => {
+                        assert_eq!(
+                            Severity::parse(&r.attributes["severity"]),
+                            Some(Severity::High)
+                        );
+                    }
+                    SlotClass::Vehicle => assert!(
+                        seed.iter().any(|s| s.scene == r.scene
+                            && s.entities
+                                .iter()
+                                .any(|se| se.value.as_deref() == Some(value))),
+                        "{value} in {}",
+                        r.scene
+                    ),
+                    _ => {}
+                }
+            }
+            let lower = r.text.to_lowercase();
+            if let Some(part) = part {
+                for other in DayPart::ALL.iter().filter(|p| **p != part) {
+                    let word = format!(" {} ", other.name());
+                    assert!(
+                        !lower.contains(&word),
+                        "{} with {part:?}: {}",
+                        other.name(),
+                        r.text
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn output_is_deterministic_per_seed_and_mode() {
+        let h = Harness::new();
+        let (a, _) = generate(&h, Mode::Hierarchical, &params(200), 5);
+        let (b, _) = generate(&h, Mode::Hierarchical, &params(200), 5);
+        let (c, _) = generate(&h, Mode::Hierarchical, &params(200), 6);
+        let (flat, flat_records) = generate(&h, Mode::Flat, &params(200), 5);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, flat);
+        assert_spans_slice(&flat_records);
+        assert!(
+            flat_records
+                .iter()
+                .all(|r| r.provenance.as_ref().unwrap().mode == "flat")
+        );
+    }
+
+    #[test]
+    fn dp_changes_the_distribution_and_keeps_spans() {
+        let h = Harness::new();
+        let count = |records: &[Record]| {
+            let mut by: BTreeMap<String, usize> = BTreeMap::new();
+            for r in records {
+                for e in &r.entities {
+                    *by.entry(format!("{}={}", e.kind, e.value.as_deref().unwrap()))
+                        .or_default() += 1;
+                }
+                *by.entry(format!("scene={}", r.scene)).or_default() += 1;
+            }
+            by
+        };
+        let (_, exact) = generate(&h, Mode::Hierarchical, &params(2000), 9);
+        let private = DetailParams {
+            dp_epsilon: Some(1.0),
+            dp_threshold: 0.5,
+            ..params(2000)
+        };
+        let (_, noisy) = generate(&h, Mode::Hierarchical, &private, 9);
+        assert_spans_slice(&noisy);
+        assert_ne!(count(&exact), count(&noisy));
+        let scenes = |rs: &[Record]| rs.iter().filter(|r| r.scene == "fire").count() as f64;
+        let (e, n) = (scenes(&exact), scenes(&noisy));
+        assert!((e - n).abs() > 10.0, "scene shares should move: {e} vs {n}");
+    }
+
+    #[test]
+    fn pinned_attributes_hold() {
+        let h = Harness::new();
+        let pinned = DetailParams {
+            attributes: BTreeMap::from([
+                ("severity".to_string(), "low".to_string()),
+                ("time_of_day".to_string(), "morning".to_string()),
+            ]),
+            ..params(200)
+        };
+        let (_, records) = generate(&h, Mode::Hierarchical, &pinned, 4);
+        for r in &records {
+            assert_eq!(r.attributes["severity"], "low");
+            assert!(
+                r.entities
+                    .iter()
+                    .all(|e| SlotClass::of(&e.kind) != SlotClass::Fatalities)
+            );
+        }
+    }
+
+    #[test]
+    fn params_are_range_checked() {
+        assert!(
+            DetailParams {
+                dp_epsilon: Some(0.0),
+                ..params(1)
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            DetailParams {
+                count: 0,
+                ..params(1)
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(params(1).validate().is_ok());
+    }
 }

@@ -26,21 +26,30 @@ pub struct FilterParams {
 
 impl Default for FilterParams {
     fn default() -> Self {
-        Self { near_duplicate_threshold: 0.9, shingle_words: 3, max_copied_ngram: 12 }
+        Self {
+            near_duplicate_threshold: 0.9,
+            shingle_words: 3,
+            max_copied_ngram: 12,
+        }
     }
 }
 
 impl Validate for FilterParams {
     fn validate(&self) -> Result<(), ParamError> {
         if !(self.near_duplicate_threshold > 0.0 && self.near_duplicate_threshold <= 1.0) {
-            return Err(ParamError::new("near_duplicate_threshold", "must be in (0, 1]"));
+            return Err(ParamError::new(
+                "near_duplicate_threshold",
+                "must be in (0, 1]",
+            ));
         }
         if !(1..=10).contains(&self.shingle_words) {
             return Err(ParamError::new("shingle_words", "must be between 1 and 10"));
         }
         if self.max_copied_ngram != 0 && !(4..=1000).contains(&self.max_copied_ngram) {
-            return Err(ParamError::new("max_copied_ngram", "must be 0 or between 4 and 1000")
-                .with_help("short n-grams are shared by any two reports on the same topic"));
+            return Err(
+                ParamError::new("max_copied_ngram", "must be 0 or between 4 and 1000")
+                    .with_help("short n-grams are shared by any two reports on the same topic"),
+            );
         }
         Ok(())
     }
@@ -56,8 +65,16 @@ impl Stage for Filter {
         provenance), drops records that copy long word runs from the seed or nearly duplicate a \
         kept record, and reports drop reasons, diversity and template usage.";
     const INPUTS: &'static [InputSpec] = &[
-        InputSpec { name: "records", required: true, doc: "Output of a `detail` stage." },
-        InputSpec { name: "seed", required: true, doc: "Output of the `seed` stage." },
+        InputSpec {
+            name: "records",
+            required: true,
+            doc: "Output of a `detail` stage.",
+        },
+        InputSpec {
+            name: "seed",
+            required: true,
+            doc: "Output of the `seed` stage.",
+        },
     ];
     const OUTPUTS: &'static [&'static str] = &["corpus.jsonl", "dropped.jsonl", "report.json"];
 

@@ -27,7 +27,9 @@ impl SlotClass {
         let has = |part: &str| name.contains(part);
         if name == "time" || name.ends_with("_time") || name == "clock" {
             Self::Time
-        } else if ["location", "address", "street", "intersection", "place"].iter().any(|p| has(p))
+        } else if ["location", "address", "street", "intersection", "place"]
+            .iter()
+            .any(|p| has(p))
         {
             Self::Location
         } else if has("plate") || has("license") {
@@ -117,7 +119,10 @@ pub const TIME_WORDS: &[(&str, DayPart)] = &[
 ];
 
 pub fn time_word(word: &str) -> Option<DayPart> {
-    TIME_WORDS.iter().find(|(w, _)| w.eq_ignore_ascii_case(word)).map(|(_, part)| *part)
+    TIME_WORDS
+        .iter()
+        .find(|(w, _)| w.eq_ignore_ascii_case(word))
+        .map(|(_, part)| *part)
 }
 
 /// Reads a clock time as minutes after midnight: `14:35`, `2:35 pm`,
@@ -130,7 +135,10 @@ pub fn parse_clock(value: &str) -> Option<u32> {
         _ => {}
     }
     let (body, meridiem) = split_meridiem(&lower);
-    let body = body.trim_end_matches("hours").trim_end_matches("hrs").trim();
+    let body = body
+        .trim_end_matches("hours")
+        .trim_end_matches("hrs")
+        .trim();
     let (hour, minute) = match body.split_once(':') {
         Some((h, m)) => (h.trim().parse::<u32>().ok()?, m.trim().parse::<u32>().ok()?),
         None if body.len() == 4 && body.bytes().all(|b| b.is_ascii_digit()) => {
@@ -186,9 +194,27 @@ impl Severity {
 }
 
 const NUMBER_WORDS: [&str; 21] = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-    "nineteen", "twenty",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 ];
 
 /// `n` as an English word, for 0 to 20.
@@ -205,7 +231,10 @@ pub fn parse_count(value: &str) -> Option<u32> {
     let lower = value.to_ascii_lowercase();
     match lower.as_str() {
         "a" | "an" | "a single" | "single" => Some(1),
-        _ => NUMBER_WORDS.iter().position(|w| *w == lower).map(|n| n as u32),
+        _ => NUMBER_WORDS
+            .iter()
+            .position(|w| *w == lower)
+            .map(|n| n as u32),
     }
 }
 
@@ -254,7 +283,10 @@ mod tests {
         for minute in 0..1440 {
             let part = DayPart::of_minute(minute);
             let (start, len) = part.span();
-            assert!((minute + 1440 - start) % 1440 < len, "{minute} outside {part:?}");
+            assert!(
+                (minute + 1440 - start) % 1440 < len,
+                "{minute} outside {part:?}"
+            );
         }
     }
 

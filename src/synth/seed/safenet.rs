@@ -39,7 +39,12 @@ pub fn read(
         .byte_headers()
         .map_err(|e| StageError::data(path, Some(1), e.to_string()))?
         .iter()
-        .map(|h| String::from_utf8_lossy(h).trim().trim_matches('"').to_string())
+        .map(|h| {
+            String::from_utf8_lossy(h)
+                .trim()
+                .trim_matches('"')
+                .to_string()
+        })
         .collect();
     let column = |name: &str| headers.iter().position(|h| h == name);
     let narrative = column("Narrative")
@@ -59,7 +64,9 @@ pub fn read(
                 .map(|b| String::from_utf8_lossy(b).trim().to_string())
                 .unwrap_or_default()
         };
-        let text = row.get(narrative).map(|b| String::from_utf8_lossy(b).trim().to_string());
+        let text = row
+            .get(narrative)
+            .map(|b| String::from_utf8_lossy(b).trim().to_string());
         let Some(text) = text.filter(|t| !t.is_empty()) else {
             stats.skip_report("empty_text");
             continue;
@@ -77,7 +84,10 @@ pub fn read(
         records.push(Record {
             id,
             entities: tidy_spans(&text, entities, schema, stats),
-            scene: scene(&field("Event Incident Activity"), &field("Event Incident Type")),
+            scene: scene(
+                &field("Event Incident Activity"),
+                &field("Event Incident Type"),
+            ),
             attributes: attributes(&field),
             text,
             synthetic: false,
@@ -88,7 +98,9 @@ pub fn read(
 }
 
 fn first_item(list: &str) -> Option<String> {
-    list.split(';').map(normalise_category).find(|item| !item.is_empty())
+    list.split(';')
+        .map(normalise_category)
+        .find(|item| !item.is_empty())
 }
 
 fn scene(activity: &str, incident_type: &str) -> String {
@@ -109,7 +121,12 @@ fn attributes(field: &dyn Fn(&str) -> String) -> BTreeMap<String, String> {
     put("incident_type", first_item(&field("Event Incident Type")));
     put("stage", first_item(&field("Event Incident Stage")));
     let date = field("Event Start Date");
-    put("year", date.split([' ', '/']).find(|p| p.len() == 4).map(str::to_string));
+    put(
+        "year",
+        date.split([' ', '/'])
+            .find(|p| p.len() == 4)
+            .map(str::to_string),
+    );
     attributes
 }
 
@@ -129,7 +146,8 @@ fn entities(text: &str, field: &dyn Fn(&str) -> String) -> Vec<Entity> {
     }
     needles.push(("incident_name", incident));
     for resource in field("Event Resources").split([',', ';']).map(str::trim) {
-        if resource.len() >= 3 && !GENERIC_RESOURCES.contains(&resource.to_ascii_lowercase().as_str())
+        if resource.len() >= 3
+            && !GENERIC_RESOURCES.contains(&resource.to_ascii_lowercase().as_str())
         {
             needles.push(("resource", resource.to_string()));
         }
@@ -149,7 +167,12 @@ fn entities(text: &str, field: &dyn Fn(&str) -> String) -> Vec<Entity> {
                 continue;
             };
             if seen.insert((s, e)) {
-                entities.push(Entity { kind: kind.to_string(), start: s, end: e, value: None });
+                entities.push(Entity {
+                    kind: kind.to_string(),
+                    start: s,
+                    end: e,
+                    value: None,
+                });
             }
         }
     }
@@ -158,19 +181,60 @@ fn entities(text: &str, field: &dyn Fn(&str) -> String) -> Vec<Entity> {
 
 fn state_name(code: &str) -> Option<&'static str> {
     const STATES: &[(&str, &str)] = &[
-        ("AK", "Alaska"), ("AL", "Alabama"), ("AR", "Arkansas"), ("AZ", "Arizona"),
-        ("CA", "California"), ("CO", "Colorado"), ("CT", "Connecticut"), ("DE", "Delaware"),
-        ("FL", "Florida"), ("GA", "Georgia"), ("HI", "Hawaii"), ("IA", "Iowa"), ("ID", "Idaho"),
-        ("IL", "Illinois"), ("IN", "Indiana"), ("KS", "Kansas"), ("KY", "Kentucky"),
-        ("LA", "Louisiana"), ("MA", "Massachusetts"), ("MD", "Maryland"), ("ME", "Maine"),
-        ("MI", "Michigan"), ("MN", "Minnesota"), ("MO", "Missouri"), ("MS", "Mississippi"),
-        ("MT", "Montana"), ("NC", "North Carolina"), ("ND", "North Dakota"), ("NE", "Nebraska"),
-        ("NH", "New Hampshire"), ("NJ", "New Jersey"), ("NM", "New Mexico"), ("NV", "Nevada"),
-        ("NY", "New York"), ("OH", "Ohio"), ("OK", "Oklahoma"), ("OR", "Oregon"),
-        ("PA", "Pennsylvania"), ("RI", "Rhode Island"), ("SC", "South Carolina"),
-        ("SD", "South Dakota"), ("TN", "Tennessee"), ("TX", "Texas"), ("UT", "Utah"),
-        ("VA", "Virginia"), ("VT", "Vermont"), ("WA", "Washington"), ("WI", "Wisconsin"),
-        ("WV", "West Virginia"), ("WY", "Wyoming"), ("PR", "Puerto Rico"),
+        ("AK", "Alaska"),
+        ("AL", "Alabama"),
+        ("AR", "Arkansas"),
+        ("AZ", "Arizona"),
+        ("CA", "California"),
+        ("CO", "Colorado"),
+        ("CT", "Connecticut"),
+        ("DE", "Delaware"),
+        ("FL", "Florida"),
+        ("GA", "Georgia"),
+        ("HI", "Hawaii"),
+        ("IA", "Iowa"),
+        ("ID", "Idaho"),
+        ("IL", "Illinois"),
+        ("IN", "Indiana"),
+        ("KS", "Kansas"),
+        ("KY", "Kentucky"),
+        ("LA", "Louisiana"),
+        ("MA", "Massachusetts"),
+        ("MD", "Maryland"),
+        ("ME", "Maine"),
+        ("MI", "Michigan"),
+        ("MN", "Minnesota"),
+        ("MO", "Missouri"),
+        ("MS", "Mississippi"),
+        ("MT", "Montana"),
+        ("NC", "North Carolina"),
+        ("ND", "North Dakota"),
+        ("NE", "Nebraska"),
+        ("NH", "New Hampshire"),
+        ("NJ", "New Jersey"),
+        ("NM", "New Mexico"),
+        ("NV", "Nevada"),
+        ("NY", "New York"),
+        ("OH", "Ohio"),
+        ("OK", "Oklahoma"),
+        ("OR", "Oregon"),
+        ("PA", "Pennsylvania"),
+        ("RI", "Rhode Island"),
+        ("SC", "South Carolina"),
+        ("SD", "South Dakota"),
+        ("TN", "Tennessee"),
+        ("TX", "Texas"),
+        ("UT", "Utah"),
+        ("VA", "Virginia"),
+        ("VT", "Vermont"),
+        ("WA", "Washington"),
+        ("WI", "Wisconsin"),
+        ("WV", "West Virginia"),
+        ("WY", "Wyoming"),
+        ("PR", "Puerto Rico"),
     ];
-    STATES.iter().find(|(c, _)| c.eq_ignore_ascii_case(code)).map(|(_, name)| *name)
+    STATES
+        .iter()
+        .find(|(c, _)| c.eq_ignore_ascii_case(code))
+        .map(|(_, name)| *name)
 }
