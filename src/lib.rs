@@ -13,3 +13,4 @@ pub mod schema;
 pub mod stage;
 pub mod stages;
 pub mod synth;
+pub mod reference;

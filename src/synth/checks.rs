@@ -20,17 +20,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::corpus::{CharIndex, Record};
 use crate::synth::slot_class::{
-    DayPart, NO_INJURY_PHRASES, Severity, SlotClass, parse_clock, parse_count, time_word,
+    DayPart, NO_FATALITY_PHRASES, NO_INJURY_PHRASES, Severity, SlotClass, parse_clock, parse_count,
+    time_word,
 };
-
-/// Phrases that say nobody died.
-const NO_FATALITY_PHRASES: &[&str] = &[
-    "no fatalities",
-    "no deaths",
-    "no one was killed",
-    "nobody was killed",
-    "no one died",
-];
 
 /// Every reason a record can fail, in the order checks run.
 pub const REASONS: &[&str] = &[

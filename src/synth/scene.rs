@@ -8,7 +8,8 @@
 //! cut at the longest seed report of the scene. Flat mode, the "without
 //! hierarchical generation" ablation, pools the sentences of every scene and
 //! draws them in no order, with a length taken from a random seed report.
-//! Both keep only distinct templates; slots are renumbered per template so
+//! Both keep only distinct templates, and drop those whose text denies a
+//! count they have a slot for ("no injuries" beside `{injured}`); slots are renumbered per template so
 //! that sentences from different reports never share a slot by accident.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +20,7 @@ use serde::Serialize;
 
 use crate::corpus::Record;
 use crate::synth::delex::{DelexReport, delexicalise};
+use crate::synth::slot_class::{SlotClass, denies_count};
 use crate::synth::template::{Mode, Piece, SlotSpec, Template, render};
 
 const START: &str = "^";
@@ -37,6 +39,8 @@ pub struct SceneFigures {
     pub transitions: BTreeMap<String, u64>,
     pub templates: usize,
     pub duplicate_draws: usize,
+    /// Draws whose text denies a count it has a slot for ("no injuries" and `{injured}`).
+    pub contradictory_draws: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,7 +87,8 @@ pub fn build_templates(
                 &mut draw,
             );
             figures.templates = made.0.len();
-            figures.duplicate_draws = made.1;
+            figures.duplicate_draws = made.1.duplicates;
+            figures.contradictory_draws = made.1.contradictions;
             figures.transitions = model.transition_counts();
             templates.extend(made.0);
         }
@@ -124,8 +129,15 @@ fn sentence_refs<'a>(
         .flat_map(move |&r| (0..reports[r].sentences.len()).map(move |s| (r, s)))
 }
 
-/// Draws until `wanted` distinct templates exist or the attempts run out;
-/// returns them with the number of duplicate draws.
+/// Draws thrown away while collecting templates.
+#[derive(Debug, Default)]
+struct Rejected {
+    duplicates: usize,
+    contradictions: usize,
+}
+
+/// Draws until `wanted` distinct, self-consistent templates exist or the
+/// attempts run out.
 fn collect(
     reports: &[DelexReport],
     seed: &[Record],
@@ -133,7 +145,7 @@ fn collect(
     wanted: usize,
     rng: &mut ChaCha8Rng,
     draw: &mut dyn FnMut(&mut ChaCha8Rng) -> Vec<SentenceRef>,
-) -> (Vec<Template>, usize) {
+) -> (Vec<Template>, Rejected) {
     let mode = if scene.is_some() {
         Mode::Hierarchical
     } else {
@@ -141,7 +153,7 @@ fn collect(
     };
     let mut seen = BTreeSet::new();
     let mut templates = Vec::new();
-    let mut duplicates = 0;
+    let mut rejected = Rejected::default();
     for _ in 0..wanted * ATTEMPTS_PER_TEMPLATE {
         if templates.len() == wanted {
             break;
@@ -151,13 +163,19 @@ fn collect(
             continue;
         }
         let template = compose(reports, seed, &picks, mode, scene);
-        if seen.insert(template.id.clone()) {
+        if template
+            .slots
+            .iter()
+            .any(|s| denies_count(&template.text, SlotClass::of(&s.kind)))
+        {
+            rejected.contradictions += 1;
+        } else if seen.insert(template.id.clone()) {
             templates.push(template);
         } else {
-            duplicates += 1;
+            rejected.duplicates += 1;
         }
     }
-    (templates, duplicates)
+    (templates, rejected)
 }
 
 /// Per-scene role chain and sentence pools.

@@ -251,6 +251,27 @@ pub const NO_INJURY_PHRASES: &[&str] = &[
     "no one injured",
 ];
 
+/// Phrases that say nobody died.
+pub const NO_FATALITY_PHRASES: &[&str] = &[
+    "no fatalities",
+    "no deaths",
+    "no one was killed",
+    "nobody was killed",
+    "no one died",
+];
+
+/// Whether text says nobody was hurt (or died) while it has a count slot of that kind:
+/// a template built from sentences of different reports can do that.
+pub fn denies_count(text: &str, class: SlotClass) -> bool {
+    let phrases = match class {
+        SlotClass::Injured => NO_INJURY_PHRASES,
+        SlotClass::Fatalities => NO_FATALITY_PHRASES,
+        _ => return false,
+    };
+    let lower = text.to_lowercase();
+    phrases.iter().any(|p| lower.contains(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
