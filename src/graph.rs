@@ -40,12 +40,8 @@ pub fn to_mermaid(recipe: &Recipe) -> String {
         let _ = writeln!(out, "  {id}[/\"{}\"/]", display.replace('"', "'"));
     }
     for (index, instance) in recipe.instances.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "  s{index}[\"{}<br/><i>{}</i>\"]",
-            instance.name,
-            instance.kind.kind()
-        );
+        let _ =
+            writeln!(out, "  s{index}[\"{}<br/><i>{}</i>\"]", instance.name, instance.kind.kind());
     }
     for (index, instance) in recipe.instances.iter().enumerate() {
         for (slot, binding) in &instance.inputs {
@@ -72,18 +68,9 @@ fn file_nodes(recipe: &Recipe) -> BTreeMap<String, String> {
         .collect();
     names.sort();
     names.dedup();
-    names
-        .into_iter()
-        .enumerate()
-        .map(|(i, name)| (name.clone(), format!("f{i}")))
-        .collect()
+    names.into_iter().enumerate().map(|(i, name)| (name.clone(), format!("f{i}"))).collect()
 }
 
 fn quote(text: &str) -> String {
-    format!(
-        "\"{}\"",
-        text.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    )
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::cache::{Artifact, CacheKey, FileHashes, KeyFields, Lookup, Store, StoreError};
+use crate::lock::LockFile;
 use crate::recipe::Recipe;
 use crate::scheduler::key_fields;
 
@@ -17,6 +18,17 @@ pub enum Decision {
     Waits(String),
 }
 
+/// How an instance compares with the recipe's lock file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockState {
+    Matches,
+    /// The key differs from the locked one; why, field by field.
+    Stale(Vec<String>),
+    NotInLock,
+    /// Its key cannot be known because a dependency is stale.
+    Unknown,
+}
+
 #[derive(Debug, Clone)]
 pub struct PlanEntry {
     pub name: String,
@@ -25,10 +37,23 @@ pub struct PlanEntry {
     /// Known when every input is known.
     pub key: Option<CacheKey>,
     pub fields: Option<KeyFields>,
+    /// Set when planning against a lock file.
+    pub lock: Option<LockState>,
 }
 
 /// Plans every instance of `recipe` against `store`.
 pub fn plan(recipe: &Recipe, store: &dyn Store) -> Result<Vec<PlanEntry>, StoreError> {
+    plan_locked(recipe, store, None)
+}
+
+/// Plans against `store` and compares every key with `lock`. Outputs the
+/// lock records stand in for missing artifacts, so a lock can be checked
+/// with an empty cache.
+pub fn plan_locked(
+    recipe: &Recipe,
+    store: &dyn Store,
+    lock: Option<&LockFile>,
+) -> Result<Vec<PlanEntry>, StoreError> {
     let files = FileHashes::load(PathBuf::from(store.location()).join("files.json"));
     let refs = store.refs(&recipe.path)?;
     let mut known: Vec<Option<Artifact>> = vec![None; recipe.instances.len()];
@@ -44,6 +69,7 @@ pub fn plan(recipe: &Recipe, store: &dyn Store) -> Result<Vec<PlanEntry>, StoreE
                 decision: waits,
                 key: None,
                 fields: None,
+                lock: lock.map(|_| LockState::Unknown),
             });
             continue;
         }
@@ -55,9 +81,9 @@ pub fn plan(recipe: &Recipe, store: &dyn Store) -> Result<Vec<PlanEntry>, StoreE
                 known[index] = Some(*artifact);
                 Decision::Cached
             }
-            (true, Lookup::Corrupt { file, .. }) => Decision::Run(vec![format!(
-                "artifact corrupt (`{file}` changed); rebuilding"
-            )]),
+            (true, Lookup::Corrupt { file, .. }) => {
+                Decision::Run(vec![format!("artifact corrupt (`{file}` changed); rebuilding")])
+            }
             (false, _) => Decision::Run(vec!["not cached (`cache: false`)".to_string()]),
             (true, Lookup::Miss) => Decision::Run(match refs.instances.get(&instance.name) {
                 None => vec!["first run".to_string()],
@@ -66,20 +92,27 @@ pub fn plan(recipe: &Recipe, store: &dyn Store) -> Result<Vec<PlanEntry>, StoreE
                 }
                 Some(old) => {
                     let changes = fields.changes_since(&old.fields);
-                    if changes.is_empty() {
-                        vec!["key changed".to_string()]
-                    } else {
-                        changes
-                    }
+                    if changes.is_empty() { vec!["key changed".to_string()] } else { changes }
                 }
             }),
         };
+        let lock_state = lock.map(|lock| match lock.stages.get(&instance.name) {
+            None => LockState::NotInLock,
+            Some(entry) if entry.key == key.to_hex() => {
+                if known[index].is_none() {
+                    known[index] = Some(entry.as_artifact(fields.clone()));
+                }
+                LockState::Matches
+            }
+            Some(entry) => LockState::Stale(fields.changes_since(&entry.fields(lock))),
+        });
         out.push(PlanEntry {
             name: instance.name.clone(),
             kind,
             decision,
             key: Some(key),
             fields: Some(fields),
+            lock: lock_state,
         });
     }
     files.save().map_err(StoreError::Io)?;

@@ -18,13 +18,16 @@ pub fn markdown() -> String {
     out.push_str("`recipes/recipe.schema.json`; this page says the same in prose.\n\n");
     out.push_str("## Top level\n\n");
     properties_table(&schema, &schema, &mut out);
-    for (title, def) in [("A stage", "StageDecl"), ("Resources", "Resources"), ("A variant", "VariantDecl")] {
+    for (title, def) in
+        [("A stage", "StageDecl"), ("Resources", "Resources"), ("A variant", "VariantDecl")]
+    {
         let _ = writeln!(out, "## {title}\n");
         properties_table(&schema, &schema["$defs"][def], &mut out);
     }
     out.push_str("## Stage kinds\n\n");
     for kind in registry() {
-        let _ = writeln!(out, "### `{}` (version {})\n\n{}\n", kind.kind(), kind.version(), kind.doc());
+        let _ =
+            writeln!(out, "### `{}` (version {})\n\n{}\n", kind.kind(), kind.version(), kind.doc());
         out.push_str("Inputs:\n\n");
         for input in kind.inputs() {
             let required = if input.required { "required" } else { "optional" };
@@ -62,7 +65,11 @@ fn properties_table(root: &Value, def: &Value, out: &mut String) {
             None => String::new(),
         };
         let description = property["description"].as_str().unwrap_or("").replace('\n', " ");
-        let _ = writeln!(out, "| `{name}` | {} | {default} | {description} |", type_name(root, property));
+        let _ = writeln!(
+            out,
+            "| `{name}` | {} | {default} | {description} |",
+            type_name(root, property)
+        );
     }
     out.push('\n');
 }
@@ -77,7 +84,8 @@ fn type_name(root: &Value, property: &Value) -> String {
         return names.join(" or ");
     }
     if let Some(values) = property.get("enum").and_then(Value::as_array) {
-        let names: Vec<String> = values.iter().map(|v| format!("`{}`", v.as_str().unwrap_or("?"))).collect();
+        let names: Vec<String> =
+            values.iter().map(|v| format!("`{}`", v.as_str().unwrap_or("?"))).collect();
         return names.join(" \\| ");
     }
     if let Some(pointer) = property.get("$ref").and_then(Value::as_str) {
@@ -90,7 +98,12 @@ fn type_name(root: &Value, property: &Value) -> String {
     match &property["type"] {
         Value::String(t) => t.clone(),
         Value::Array(types) => {
-            types.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect::<Vec<_>>().join(" or ")
+            types
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|t| *t != "null")
+                .collect::<Vec<_>>()
+                .join(" or ")
                 + " (optional)"
         }
         _ => "any".to_string(),

@@ -52,23 +52,19 @@ pub struct RunReport {
     pub outcomes: Vec<Outcome>,
     /// Key fields of every instance whose key was computed.
     pub fields: BTreeMap<String, KeyFields>,
+    /// The artifact of every instance that finished, by instance index.
+    pub artifacts: Vec<Option<Artifact>>,
 }
 
 impl RunReport {
     pub fn failed(&self) -> bool {
         self.outcomes.iter().any(|o| {
-            matches!(
-                o.status,
-                Status::Failed(_) | Status::Skipped { .. } | Status::Refused(_)
-            )
+            matches!(o.status, Status::Failed(_) | Status::Skipped { .. } | Status::Refused(_))
         })
     }
 
     pub fn ran(&self) -> usize {
-        self.outcomes
-            .iter()
-            .filter(|o| o.status == Status::Ran)
-            .count()
+        self.outcomes.iter().filter(|o| o.status == Status::Ran).count()
     }
 }
 
@@ -145,23 +141,11 @@ fn bind(
                 }
                 None => (artifact.dir.clone(), artifact.manifest.output_hash.clone()),
             };
-            Ok(Bound {
-                path,
-                key: InputKey::Stage {
-                    output: output.clone(),
-                    hash,
-                },
-            })
+            Ok(Bound { path, key: InputKey::Stage { output: output.clone(), hash } })
         }
         InputBinding::Path { display, abs } => {
             let hash = files.hash(abs).map_err(|err| format!("{display}: {err}"))?;
-            Ok(Bound {
-                path: abs.clone(),
-                key: InputKey::File {
-                    path: display.clone(),
-                    hash,
-                },
-            })
+            Ok(Bound { path: abs.clone(), key: InputKey::File { path: display.clone(), hash } })
         }
     }
 }
@@ -169,8 +153,146 @@ fn bind(
 /// Messages from worker threads.
 struct Finished {
     index: usize,
-    result: Result<(Artifact, bool, Option<Staging>), String>,
+    result: Result<Built, String>,
     duration: Duration,
+}
+
+/// What a worker produced.
+struct Built {
+    artifact: Artifact,
+    /// Another process committed the key while this one waited for its lock.
+    elsewhere: bool,
+    /// For `cache: false` stages: the staging folder holding the outputs.
+    staging: Option<Staging>,
+}
+
+/// A stage that is ready to run, with what its worker needs.
+struct Ready {
+    index: usize,
+    key: CacheKey,
+    fields: KeyFields,
+    inputs: BTreeMap<String, PathBuf>,
+}
+
+/// What looking at one instance decided.
+enum Step {
+    /// Nothing to do now (waiting on dependencies or on free slots).
+    Idle,
+    /// Finished without running: cached, refused, skipped or failed early.
+    Settled,
+    Start(Ready),
+}
+
+/// The scheduler's bookkeeping for one run.
+struct State<'a> {
+    recipe: &'a Recipe,
+    store: &'a dyn Store,
+    observer: &'a dyn RunObserver,
+    options: &'a RunOptions<'a>,
+    files: FileHashes,
+    outcomes: Vec<Option<Outcome>>,
+    done: Vec<Option<Artifact>>,
+    started: Vec<bool>,
+    /// Outputs of `cache: false` stages live in staging until the run ends.
+    transient: Vec<Staging>,
+    fields: BTreeMap<String, KeyFields>,
+    cpu_free: usize,
+    gpu_free: u32,
+}
+
+impl State<'_> {
+    fn cpu_slots(&self, instance: &StageInstance) -> usize {
+        (instance.resources.cpu as usize).clamp(1, self.options.jobs.max(1))
+    }
+
+    fn settle(&mut self, index: usize, status: Status, key: Option<CacheKey>, duration: Duration) {
+        let instance = &self.recipe.instances[index];
+        let output_hash = self.done[index].as_ref().map(|a| a.manifest.output_hash.clone());
+        let outcome = Outcome { name: instance.name.clone(), status, key, output_hash, duration };
+        self.observer.stage_finished(&outcome);
+        self.outcomes[index] = Some(outcome);
+    }
+
+    /// Decides what to do with instance `index` now.
+    fn step(&mut self, index: usize) -> Result<Step, StoreError> {
+        if self.outcomes[index].is_some() || self.started[index] {
+            return Ok(Step::Idle);
+        }
+        let instance = &self.recipe.instances[index];
+        if let Some(failed) = instance.deps.iter().find_map(|&d| failed_name(&self.outcomes, d)) {
+            self.settle(index, Status::Skipped { failed }, None, Duration::ZERO);
+            return Ok(Step::Settled);
+        }
+        if !instance.deps.iter().all(|&d| self.done[d].is_some()) {
+            return Ok(Step::Idle);
+        }
+        let (fields, inputs) = match key_fields(self.recipe, instance, &self.done, &self.files) {
+            Ok(found) => found,
+            Err(message) => {
+                self.settle(index, Status::Failed(message), None, Duration::ZERO);
+                return Ok(Step::Settled);
+            }
+        };
+        let key = fields.key();
+        self.observer.key_computed(&instance.name, &fields, &key);
+        self.fields.insert(instance.name.clone(), fields.clone());
+        if let Some(policy) = self.options.policy
+            && let Err(reason) = policy.allow(&instance.name, &key)
+        {
+            self.settle(index, Status::Refused(reason), Some(key), Duration::ZERO);
+            return Ok(Step::Settled);
+        }
+        if instance.cache {
+            match self.store.lookup(&key)? {
+                Lookup::Hit(artifact) => {
+                    self.done[index] = Some(*artifact);
+                    self.settle(index, Status::Cached, Some(key), Duration::ZERO);
+                    return Ok(Step::Settled);
+                }
+                Lookup::Corrupt { file, .. } => self.observer.notice(&format!(
+                    "artifact of `{}` was corrupt (`{file}` no longer matches its hash); \
+                     rebuilding it",
+                    instance.name
+                )),
+                Lookup::Miss => {}
+            }
+        }
+        if instance.resources.gpu > self.options.gpus {
+            let message = format!(
+                "needs {} GPU(s); this machine offers {}",
+                instance.resources.gpu, self.options.gpus
+            );
+            self.settle(index, Status::Failed(message), Some(key), Duration::ZERO);
+            return Ok(Step::Settled);
+        }
+        let cpu = self.cpu_slots(instance);
+        if cpu > self.cpu_free || instance.resources.gpu > self.gpu_free {
+            return Ok(Step::Idle);
+        }
+        self.cpu_free -= cpu;
+        self.gpu_free -= instance.resources.gpu;
+        self.started[index] = true;
+        self.observer.stage_started(&instance.name);
+        Ok(Step::Start(Ready { index, key, fields, inputs }))
+    }
+
+    /// Records a worker's result and frees its slots.
+    fn finish(&mut self, msg: Finished) {
+        let instance = &self.recipe.instances[msg.index];
+        self.cpu_free += self.cpu_slots(instance);
+        self.gpu_free += instance.resources.gpu;
+        self.started[msg.index] = false;
+        let key = self.fields.get(&instance.name).map(KeyFields::key);
+        match msg.result {
+            Ok(built) => {
+                self.done[msg.index] = Some(built.artifact);
+                self.transient.extend(built.staging);
+                let status = if built.elsewhere { Status::BuiltElsewhere } else { Status::Ran };
+                self.settle(msg.index, status, key, msg.duration);
+            }
+            Err(message) => self.settle(msg.index, Status::Failed(message), key, msg.duration),
+        }
+    }
 }
 
 /// Runs every instance of `recipe`.
@@ -182,182 +304,64 @@ pub fn run(
     observer: &dyn RunObserver,
     options: &RunOptions<'_>,
 ) -> Result<RunReport, StoreError> {
-    let files = FileHashes::load(PathBuf::from(store.location()).join("files.json"));
-    let mut done: Vec<Option<Artifact>> = vec![None; recipe.instances.len()];
-    // Outputs of `cache: false` stages live in staging until the run ends.
-    let mut transient: Vec<Staging> = Vec::new();
     let count = recipe.instances.len();
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; count];
-    // Handed to a worker and not finished yet.
-    let mut started = vec![false; count];
-    let mut report = RunReport::default();
-    let mut running = 0usize;
-    let mut cpu_free = options.jobs.max(1);
-    let mut gpu_free = options.gpus;
-
+    let mut state = State {
+        recipe,
+        store,
+        observer,
+        options,
+        files: FileHashes::load(PathBuf::from(store.location()).join("files.json")),
+        outcomes: vec![None; count],
+        done: vec![None; count],
+        started: vec![false; count],
+        transient: Vec::new(),
+        fields: BTreeMap::new(),
+        cpu_free: options.jobs.max(1),
+        gpu_free: options.gpus,
+    };
     std::thread::scope(|scope| -> Result<(), StoreError> {
         let (tx, rx) = mpsc::channel::<Finished>();
+        let mut running = 0usize;
         loop {
             let mut progressed = false;
             for index in 0..count {
-                if outcomes[index].is_some() || done[index].is_some() {
-                    continue;
-                }
-                let instance = &recipe.instances[index];
-                if let Some(failed) = instance
-                    .deps
-                    .iter()
-                    .find_map(|&d| failed_name(&outcomes, d))
-                {
-                    outcomes[index] = Some(skipped(instance, failed));
-                    observer
-                        .stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
-                    progressed = true;
-                    continue;
-                }
-                let ready = instance.deps.iter().all(|&d| done[d].is_some());
-                if !ready || started[index] {
-                    continue;
-                }
-                let (fields, paths) = match key_fields(recipe, instance, &done, &files) {
-                    Ok(found) => found,
-                    Err(message) => {
-                        outcomes[index] = Some(finished(
-                            instance,
-                            Status::Failed(message),
-                            None,
-                            None,
-                            Duration::ZERO,
-                        ));
-                        observer.stage_finished(
-                            outcomes[index].as_ref().unwrap_or_else(|| unreachable!()),
-                        );
+                match state.step(index)? {
+                    Step::Idle => {}
+                    Step::Settled => progressed = true,
+                    Step::Start(ready) => {
                         progressed = true;
-                        continue;
-                    }
-                };
-                let key = fields.key();
-                observer.key_computed(&instance.name, &fields, &key);
-                report.fields.insert(instance.name.clone(), fields.clone());
-
-                if instance.cache {
-                    match store.lookup(&key)? {
-                        Lookup::Hit(artifact) => {
-                            let hash = artifact.manifest.output_hash.clone();
-                            done[index] = Some(*artifact);
-                            outcomes[index] = Some(finished(instance, Status::Cached, Some(key), Some(hash), Duration::ZERO));
-                            observer.stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
-                            progressed = true;
-                            continue;
-                        }
-                        Lookup::Corrupt { file, .. } => observer.notice(&format!(
-                            "artifact of `{}` was corrupt (`{file}` no longer matches its hash); rebuilding it",
-                            instance.name
-                        )),
-                        Lookup::Miss => {}
+                        running += 1;
+                        let tx = tx.clone();
+                        scope.spawn(move || {
+                            let start = Instant::now();
+                            let index = ready.index;
+                            let result = build(recipe, ready, store, executor, reporter, observer);
+                            let duration = start.elapsed();
+                            let _ = tx.send(Finished { index, result, duration });
+                        });
                     }
                 }
-                if let Some(policy) = options.policy
-                    && let Err(reason) = policy.allow(&instance.name, &key)
-                {
-                    {
-                        outcomes[index] = Some(finished(
-                            instance,
-                            Status::Refused(reason),
-                            Some(key),
-                            None,
-                            Duration::ZERO,
-                        ));
-                        observer.stage_finished(
-                            outcomes[index].as_ref().unwrap_or_else(|| unreachable!()),
-                        );
-                        progressed = true;
-                        continue;
-                    }
-                }
-                let need_cpu = (instance.resources.cpu as usize).clamp(1, options.jobs.max(1));
-                if instance.resources.gpu > options.gpus {
-                    let message = format!(
-                        "needs {} GPU(s); this machine offers {}",
-                        instance.resources.gpu, options.gpus
-                    );
-                    outcomes[index] = Some(finished(
-                        instance,
-                        Status::Failed(message),
-                        Some(key),
-                        None,
-                        Duration::ZERO,
-                    ));
-                    observer
-                        .stage_finished(outcomes[index].as_ref().unwrap_or_else(|| unreachable!()));
-                    progressed = true;
-                    continue;
-                }
-                if need_cpu > cpu_free || instance.resources.gpu > gpu_free {
-                    report.fields.remove(&instance.name);
-                    continue;
-                }
-                cpu_free -= need_cpu;
-                gpu_free -= instance.resources.gpu;
-                running += 1;
-                progressed = true;
-                started[index] = true;
-                observer.stage_started(&instance.name);
-                let tx = tx.clone();
-                let job_inputs = paths;
-                let recipe_ref = recipe;
-                scope.spawn(move || {
-                    let start = Instant::now();
-                    let result = build(
-                        recipe_ref, index, key, fields, job_inputs, store, executor, reporter,
-                        observer,
-                    );
-                    let _ = tx.send(Finished {
-                        index,
-                        result,
-                        duration: start.elapsed(),
-                    });
-                });
             }
             if running == 0 && !progressed {
-                break;
+                return Ok(());
             }
-            if running == 0 {
-                continue;
+            if running > 0 && !progressed {
+                let Ok(msg) = rx.recv() else { return Ok(()) };
+                running -= 1;
+                state.finish(msg);
             }
-            let Ok(msg) = rx.recv() else { break };
-            running -= 1;
-            let instance = &recipe.instances[msg.index];
-            cpu_free += (instance.resources.cpu as usize).clamp(1, options.jobs.max(1));
-            gpu_free += instance.resources.gpu;
-            let key = report.fields.get(&instance.name).map(KeyFields::key);
-            let outcome = match msg.result {
-                Ok((artifact, elsewhere, staging)) => {
-                    let hash = artifact.manifest.output_hash.clone();
-                    done[msg.index] = Some(artifact);
-                    transient.extend(staging);
-                    let status = if elsewhere {
-                        Status::BuiltElsewhere
-                    } else {
-                        Status::Ran
-                    };
-                    finished(instance, status, key, Some(hash), msg.duration)
-                }
-                Err(message) => {
-                    finished(instance, Status::Failed(message), key, None, msg.duration)
-                }
-            };
-            observer.stage_finished(&outcome);
-            outcomes[msg.index] = Some(outcome);
         }
-        Ok(())
     })?;
 
-    if let Err(err) = files.save() {
+    if let Err(err) = state.files.save() {
         observer.notice(&format!("could not save the file-hash memo: {err}"));
     }
-    save_refs(recipe, store, &report, &outcomes)?;
-    report.outcomes = outcomes.into_iter().flatten().collect();
+    let mut report =
+        RunReport { outcomes: Vec::new(), fields: state.fields, artifacts: Vec::new() };
+    save_refs(recipe, store, &report, &state.outcomes)?;
+    report.outcomes = state.outcomes.into_iter().flatten().collect();
+    report.artifacts = state.done;
+    drop(state.transient);
     Ok(report)
 }
 
@@ -370,64 +374,29 @@ fn failed_name(outcomes: &[Option<Outcome>], dep: usize) -> Option<String> {
     }
 }
 
-fn skipped(instance: &StageInstance, failed: String) -> Outcome {
-    finished(
-        instance,
-        Status::Skipped { failed },
-        None,
-        None,
-        Duration::ZERO,
-    )
-}
-
-fn finished(
-    instance: &StageInstance,
-    status: Status,
-    key: Option<CacheKey>,
-    output_hash: Option<String>,
-    duration: Duration,
-) -> Outcome {
-    Outcome {
-        name: instance.name.clone(),
-        status,
-        key,
-        output_hash,
-        duration,
-    }
-}
-
-/// Worker side: lock the key, build unless someone else just did, commit.
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename these
+/// Worker side: lock the key, build unless another process just did, commit.
 fn build(
     recipe: &Recipe,
-    index: usize,
-    key: CacheKey,
-    fields: KeyFields,
-    inputs: BTreeMap<String, PathBuf>,
+    ready: Ready,
     store: &dyn Store,
     executor: &dyn Executor,
     reporter: &dyn Reporter,
     observer: &dyn RunObserver,
-) -> Result<(Artifact, bool, Option<Staging>), String> {
+) -> Result<Built, String> {
+    let Ready { index, key, fields, inputs } = ready;
     let instance = &recipe.instances[index];
-    let events = ObserverLockEvents {
-        observer,
-        name: &instance.name,
-    };
+    let events = ObserverLockEvents { observer, name: &instance.name };
     let _lock = if instance.cache {
         let lock = store.lock(&key, &events).map_err(|err| err.to_string())?;
         if let Lookup::Hit(artifact) = store.lookup(&key).map_err(|err| err.to_string())? {
-            return Ok((*artifact, true, None));
+            return Ok(Built { artifact: *artifact, elsewhere: true, staging: None });
         }
         Some(lock)
     } else {
         None
     };
     let staging = store.begin(&key).map_err(|err| err.to_string())?;
-    let started_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let start = Instant::now();
     let job = Job {
         stage_id: &instance.name,
@@ -439,9 +408,7 @@ fn build(
         inputs,
         out_dir: staging.out_dir.clone(),
     };
-    executor
-        .execute(&job, reporter)
-        .map_err(|err| err.to_string())?;
+    executor.execute(&job, reporter).map_err(|err| err.to_string())?;
     let manifest = Manifest {
         key: key.to_hex(),
         stage: instance.name.clone(),
@@ -453,23 +420,13 @@ fn build(
         watchfire_version: WATCHFIRE_VERSION.to_string(),
     };
     if instance.cache {
-        let artifact = store
-            .commit(staging, manifest)
-            .map_err(|err| err.to_string())?;
-        return Ok((artifact, false, None));
+        let artifact = store.commit(staging, manifest).map_err(|err| err.to_string())?;
+        return Ok(Built { artifact, elsewhere: false, staging: None });
     }
     let files = scan_dir(&staging.out_dir).map_err(|err| err.to_string())?;
-    let manifest = Manifest {
-        output_hash: hash_entries(&files),
-        files,
-        ..manifest
-    };
-    let artifact = Artifact {
-        key,
-        dir: staging.out_dir.clone(),
-        manifest,
-    };
-    Ok((artifact, false, Some(staging)))
+    let manifest = Manifest { output_hash: hash_entries(&files), files, ..manifest };
+    let artifact = Artifact { key, dir: staging.out_dir.clone(), manifest };
+    Ok(Built { artifact, elsewhere: false, staging: Some(staging) })
 }
 
 struct ObserverLockEvents<'a> {
@@ -505,15 +462,9 @@ fn save_refs(
     let mut refs = store.refs(&recipe.path)?;
     refs.recipe = recipe.path.display().to_string();
     for outcome in outcomes.iter().flatten() {
-        let ok = matches!(
-            outcome.status,
-            Status::Cached | Status::Ran | Status::BuiltElsewhere
-        );
+        let ok = matches!(outcome.status, Status::Cached | Status::Ran | Status::BuiltElsewhere);
         if let (true, Some(fields)) = (ok, report.fields.get(&outcome.name)) {
-            let entry = RefEntry {
-                key: fields.key().to_hex(),
-                fields: fields.clone(),
-            };
+            let entry = RefEntry { key: fields.key().to_hex(), fields: fields.clone() };
             refs.instances.insert(outcome.name.clone(), entry);
         }
     }

@@ -34,11 +34,7 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            param: param.into(),
-            message: message.into(),
-            help: None,
-        }
+        Self { param: param.into(), message: message.into(), help: None }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -61,11 +57,7 @@ pub enum StageError {
     Io(#[from] std::io::Error),
     /// Bad data in an input file; `line` is 1-based.
     #[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
-    Data {
-        file: PathBuf,
-        line: Option<usize>,
-        message: String,
-    },
+    Data { file: PathBuf, line: Option<usize>, message: String },
     #[error("input `{0}` was not given")]
     MissingInput(String),
     #[error("{0}")]
@@ -74,11 +66,7 @@ pub enum StageError {
 
 impl StageError {
     pub fn data(file: impl Into<PathBuf>, line: Option<usize>, message: impl Into<String>) -> Self {
-        Self::Data {
-            file: file.into(),
-            line,
-            message: message.into(),
-        }
+        Self::Data { file: file.into(), line, message: message.into() }
     }
 
     pub fn failed(message: impl Into<String>) -> Self {
@@ -110,6 +98,10 @@ pub trait Stage: Send + Sync + 'static {
     /// Whether the recipe's entity `schema` can change the result (then it is
     /// part of the cache key).
     const USES_SCHEMA: bool = false;
+    /// `false` for stages whose bytes may differ between runs on purpose
+    /// (GPU training); lock files then compare the `metrics.json` they write
+    /// instead of their bytes.
+    const DETERMINISTIC: bool = true;
 
     fn run(params: &Self::Params, ctx: &StageContext<'_>) -> Result<(), StageError>;
 }
@@ -149,11 +141,7 @@ impl StageContext<'_> {
     /// otherwise `file` inside the input directory.
     pub fn input_file(&self, name: &str, file: &str) -> Result<PathBuf, StageError> {
         let path = self.input(name)?;
-        Ok(if path.is_dir() {
-            path.join(file)
-        } else {
-            path.to_path_buf()
-        })
+        Ok(if path.is_dir() { path.join(file) } else { path.to_path_buf() })
     }
 
     /// Where to write one of the kind's declared outputs.
@@ -175,6 +163,7 @@ pub trait StageKind: Send + Sync {
     fn inputs(&self) -> &'static [InputSpec];
     fn outputs(&self) -> &'static [&'static str];
     fn uses_schema(&self) -> bool;
+    fn deterministic(&self) -> bool;
     fn params_schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema;
     /// Parses params, checks their ranges and returns them with every
     /// default filled in: the form that goes into the cache key.
@@ -225,6 +214,10 @@ impl<S: Stage> StageKind for Erased<S> {
         S::USES_SCHEMA
     }
 
+    fn deterministic(&self) -> bool {
+        S::DETERMINISTIC
+    }
+
     fn params_schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
         generator.subschema_for::<S::Params>()
     }
@@ -232,16 +225,11 @@ impl<S: Stage> StageKind for Erased<S> {
     fn resolve_params(&self, params: serde_json::Value) -> Result<serde_json::Value, ParamIssue> {
         let typed: S::Params = serde_path_to_error::deserialize(params).map_err(|err| {
             let path = err.path().iter().map(|seg| seg.to_string()).collect();
-            ParamIssue::Parse {
-                path,
-                message: err.inner().to_string(),
-            }
+            ParamIssue::Parse { path, message: err.inner().to_string() }
         })?;
         typed.validate().map_err(ParamIssue::Range)?;
-        serde_json::to_value(&typed).map_err(|err| ParamIssue::Parse {
-            path: Vec::new(),
-            message: err.to_string(),
-        })
+        serde_json::to_value(&typed)
+            .map_err(|err| ParamIssue::Parse { path: Vec::new(), message: err.to_string() })
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext<'_>) -> Result<(), StageError> {

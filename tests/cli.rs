@@ -92,7 +92,8 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     for project in [&a, &b, &c] {
         project.ok(&["run", QS]);
     }
-    let corpus = |p: &Project| std::fs::read(p.artifact(QS, "filter").join("corpus.jsonl")).unwrap();
+    let corpus =
+        |p: &Project| std::fs::read(p.artifact(QS, "filter").join("corpus.jsonl")).unwrap();
     assert_eq!(corpus(&a), corpus(&b));
     assert_ne!(corpus(&a), corpus(&c));
 }
@@ -191,7 +192,8 @@ fn two_runs_on_one_cache_build_each_key_once() {
     let project = Project::with_recipe("quickstart.yaml");
     project.edit(QS, "records: 2000", "records: 20000");
     let first = project.command(&["run", QS]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let second = project.command(&["run", QS]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let second =
+        project.command(&["run", QS]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let first = first.wait_with_output().unwrap();
     let second = second.wait_with_output().unwrap();
     assert!(first.status.success() && second.status.success());

@@ -105,8 +105,8 @@ fn check(err: &RecipeError, kind: K, spanned: &str, help: Option<&str>) {
 }
 
 fn render(err: &RecipeError) -> String {
-    let handler = GraphicalReportHandler::new_themed(GraphicalTheme::unicode_nocolor())
-        .with_width(120);
+    let handler =
+        GraphicalReportHandler::new_themed(GraphicalTheme::unicode_nocolor()).with_width(120);
     let mut out = String::new();
     handler.render_report(&mut out, err).expect("render");
     out
@@ -305,8 +305,7 @@ fn stage_reading_itself() {
 
 #[test]
 fn variant_overrides_a_param_nobody_reads() {
-    let yaml = BASE
-        .replace("params:\n  records: 10", "params:\n  records: 10\n  unused: 1")
+    let yaml = BASE.replace("params:\n  records: 10", "params:\n  records: 10\n  unused: 1")
         + "variants:\n  big:\n    params: {unused: 2}\n";
     let err = error(&yaml);
     check(&err, K::UnusedVariantParam, "unused", Some("${params.unused}"));
@@ -347,10 +346,8 @@ fn matrix_variants_share_identical_stages() {
             ("detail@sweep[records=20]", vec![all[2]]),
         ]
     );
-    let counts: Vec<&serde_json::Value> = recipe.instances[2..]
-        .iter()
-        .map(|i| &i.params["count"])
-        .collect();
+    let counts: Vec<&serde_json::Value> =
+        recipe.instances[2..].iter().map(|i| &i.params["count"]).collect();
     assert_eq!(counts, [10, 20]);
 }
 
@@ -374,10 +371,8 @@ fn file_input_escaping_with_dot_dot() {
     check(&err, K::PathEscapes, "../outside.jsonl", Some("--data-root"));
 
     // The same path is fine once its folder is an allowed data root.
-    let options = LoadOptions {
-        data_roots: vec![outer.path().to_path_buf()],
-        ..LoadOptions::default()
-    };
+    let options =
+        LoadOptions { data_roots: vec![outer.path().to_path_buf()], ..LoadOptions::default() };
     let recipe = resolve_at(&yaml, &recipe_path, &options).expect("data root allows it");
     let want = outer.path().join("outside.jsonl").canonicalize().expect("canonical");
     assert!(matches!(
@@ -398,10 +393,8 @@ fn file_input_escaping_through_a_symlink() {
     let err = project.resolve(&yaml).err().expect("escape");
     check(&err, K::PathEscapes, "linked/seed.jsonl", Some("--data-root"));
 
-    let options = LoadOptions {
-        data_roots: vec![outside.path().to_path_buf()],
-        ..LoadOptions::default()
-    };
+    let options =
+        LoadOptions { data_roots: vec![outside.path().to_path_buf()], ..LoadOptions::default() };
     project.resolve_with(&yaml, &options).expect("data root allows it");
 }
 

@@ -29,10 +29,7 @@ impl FileHashes {
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        Self {
-            path,
-            memo: Mutex::new((memo, false)),
-        }
+        Self { path, memo: Mutex::new((memo, false)) }
     }
 
     /// The content hash of a file, or of a folder's files and their paths.
@@ -48,10 +45,7 @@ impl FileHashes {
                 continue;
             }
             let meta = entry.metadata().map_err(std::io::Error::other)?;
-            let rel = entry
-                .path()
-                .strip_prefix(path)
-                .map_err(std::io::Error::other)?;
+            let rel = entry.path().strip_prefix(path).map_err(std::io::Error::other)?;
             entries.push(FileEntry {
                 path: rel.to_string_lossy().replace('\\', "/"),
                 size: meta.len(),
@@ -73,22 +67,13 @@ impl FileHashes {
         }
         let hash = hash_file(path)?;
         let mut guard = self.lock();
-        guard.0.insert(
-            name,
-            Memo {
-                size,
-                mtime_ns: mtime,
-                hash: hash.clone(),
-            },
-        );
+        guard.0.insert(name, Memo { size, mtime_ns: mtime, hash: hash.clone() });
         guard.1 = true;
         Ok(hash)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<String, Memo>, bool)> {
-        self.memo
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Writes the memo back if it learnt anything.

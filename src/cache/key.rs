@@ -87,9 +87,7 @@ impl KeyFields {
     /// stage kind, so two kinds never draw the same stream.
     pub fn stage_seed(&self) -> u64 {
         let mut hasher = blake3::Hasher::new();
-        hasher
-            .update(&self.seed.to_le_bytes())
-            .update(self.kind.as_bytes());
+        hasher.update(&self.seed.to_le_bytes()).update(self.kind.as_bytes());
         let bytes = hasher.finalize();
         u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or_default())
     }
@@ -115,11 +113,7 @@ impl KeyFields {
                 (Some(_), InputKey::Stage { .. }) => out.push(format!("input `{slot}` changed")),
             }
         }
-        for slot in old
-            .inputs
-            .keys()
-            .filter(|slot| !self.inputs.contains_key(*slot))
-        {
+        for slot in old.inputs.keys().filter(|slot| !self.inputs.contains_key(*slot)) {
             out.push(format!("input `{slot}` removed"));
         }
         if self.schema != old.schema {
@@ -129,10 +123,7 @@ impl KeyFields {
             out.push(format!("seed {} -> {}", old.seed, self.seed));
         }
         if self.watchfire_version != old.watchfire_version {
-            out.push(format!(
-                "watchfire {} -> {}",
-                old.watchfire_version, self.watchfire_version
-            ));
+            out.push(format!("watchfire {} -> {}", old.watchfire_version, self.watchfire_version));
         }
         out
     }
@@ -143,11 +134,7 @@ fn diff_values(what: &str, path: &str, old: &Value, new: &Value, out: &mut Vec<S
         (Value::Object(a), Value::Object(b)) => {
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
             for key in keys {
-                let child = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
+                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
                 let null = Value::Null;
                 diff_values(
                     what,
@@ -175,10 +162,7 @@ mod tests {
             params: json!({"count": 2, "dp": {"epsilon": 1.0}}),
             inputs: BTreeMap::from([(
                 "seed".to_string(),
-                InputKey::File {
-                    path: "recipes/data/seed.jsonl".into(),
-                    hash: "aa".into(),
-                },
+                InputKey::File { path: "recipes/data/seed.jsonl".into(), hash: "aa".into() },
             )]),
             schema: None,
             seed: 7,
@@ -209,10 +193,7 @@ mod tests {
         new.params["dp"]["epsilon"] = json!(2.0);
         new.inputs.insert(
             "seed".into(),
-            InputKey::File {
-                path: "recipes/data/seed.jsonl".into(),
-                hash: "bb".into(),
-            },
+            InputKey::File { path: "recipes/data/seed.jsonl".into(), hash: "bb".into() },
         );
         assert_eq!(
             new.changes_since(&old),

@@ -70,10 +70,7 @@ impl LocalStore {
     /// Moves an artifact out of `artifacts/` in one rename, then deletes it.
     fn discard(&self, dir: &Path) -> Result<(), StoreError> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let trash = self
-            .root
-            .join("staging")
-            .join(format!("trash.{}.{n}", std::process::id()));
+        let trash = self.root.join("staging").join(format!("trash.{}.{n}", std::process::id()));
         fs_err::rename(dir, &trash)?;
         fs_err::remove_dir_all(&trash)?;
         Ok(())
@@ -99,10 +96,7 @@ impl LocalStore {
 }
 
 fn fs_err_io(err: std::io::Error, path: &Path) -> StoreError {
-    StoreError::Io(std::io::Error::new(
-        err.kind(),
-        format!("{}: {err}", path.display()),
-    ))
+    StoreError::Io(std::io::Error::new(err.kind(), format!("{}: {err}", path.display())))
 }
 
 struct FileLock {
@@ -137,11 +131,7 @@ impl Store for LocalStore {
             self.discard(&dir)?;
             return Ok(Lookup::Corrupt { key: *key, file });
         }
-        Ok(Lookup::Hit(Box::new(Artifact {
-            key: *key,
-            dir: dir.join("out"),
-            manifest,
-        })))
+        Ok(Lookup::Hit(Box::new(Artifact { key: *key, dir: dir.join("out"), manifest })))
     }
 
     fn lock(
@@ -149,10 +139,7 @@ impl Store for LocalStore {
         key: &CacheKey,
         events: &dyn LockEvents,
     ) -> Result<Box<dyn KeyLock>, StoreError> {
-        let path = self
-            .root
-            .join("locks")
-            .join(format!("{}.lock", key.to_hex()));
+        let path = self.root.join("locks").join(format!("{}.lock", key.to_hex()));
         let mut file = fs_err::OpenOptions::new()
             .read(true)
             .write(true)
@@ -170,8 +157,7 @@ impl Store for LocalStore {
             Err(std::fs::TryLockError::Error(err)) => return Err(fs_err_io(err, &path)),
         }
         let mut previous = String::new();
-        file.read_to_string(&mut previous)
-            .map_err(|err| fs_err_io(err, &path))?;
+        file.read_to_string(&mut previous).map_err(|err| fs_err_io(err, &path))?;
         if let Ok(pid) = previous.trim().parse::<u32>()
             && pid != std::process::id()
             && !process_alive(pid)
@@ -195,16 +181,10 @@ impl Store for LocalStore {
     fn begin(&self, key: &CacheKey) -> Result<Staging, StoreError> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
         let root =
-            self.root
-                .join("staging")
-                .join(format!("{}.{}.{n}", key.to_hex(), std::process::id()));
+            self.root.join("staging").join(format!("{}.{}.{n}", key.to_hex(), std::process::id()));
         let out_dir = root.join("out");
         fs_err::create_dir_all(&out_dir)?;
-        Ok(Staging {
-            key: *key,
-            root,
-            out_dir,
-        })
+        Ok(Staging { key: *key, root, out_dir })
     }
 
     fn commit(&self, staging: Staging, mut manifest: Manifest) -> Result<Artifact, StoreError> {
@@ -214,11 +194,8 @@ impl Store for LocalStore {
         }
         manifest.output_hash = hash_entries(&files);
         manifest.files = files;
-        let bytes =
-            serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Manifest {
-                path: staging.root.clone(),
-                source,
-            })?;
+        let bytes = serde_json::to_vec_pretty(&manifest)
+            .map_err(|source| StoreError::Manifest { path: staging.root.clone(), source })?;
         let manifest_path = staging.root.join("manifest.json");
         let mut file = fs_err::File::create(&manifest_path)?;
         file.write_all(&bytes)?;
@@ -231,11 +208,7 @@ impl Store for LocalStore {
         }
         fs_err::rename(&staging.root, &dest)?;
         File::open(self.root.join("artifacts"))?.sync_all()?;
-        Ok(Artifact {
-            key: staging.key,
-            dir: dest.join("out"),
-            manifest,
-        })
+        Ok(Artifact { key: staging.key, dir: dest.join("out"), manifest })
     }
 
     fn list(&self) -> Result<Vec<Manifest>, StoreError> {
@@ -251,10 +224,7 @@ impl Store for LocalStore {
 
     fn remove(&self, key: &CacheKey) -> Result<u64, StoreError> {
         let dir = self.artifact_dir(key);
-        let size = self
-            .read_manifest(&dir)?
-            .map(|m| m.total_size())
-            .unwrap_or(0);
+        let size = self.read_manifest(&dir)?.map(|m| m.total_size()).unwrap_or(0);
         if dir.exists() {
             self.discard(&dir)?;
         }
@@ -273,10 +243,7 @@ impl Store for LocalStore {
                 _ => return Ok(Some(entry.path.clone())),
             }
         }
-        Ok(found
-            .iter()
-            .find(|f| manifest.file(&f.path).is_none())
-            .map(|f| f.path.clone()))
+        Ok(found.iter().find(|f| manifest.file(&f.path).is_none()).map(|f| f.path.clone()))
     }
 
     fn refs(&self, recipe: &Path) -> Result<RecipeRefs, StoreError> {
@@ -284,20 +251,17 @@ impl Store for LocalStore {
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|source| StoreError::Manifest { path, source }),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(RecipeRefs {
-                recipe: recipe.display().to_string(),
-                ..RecipeRefs::default()
-            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Ok(RecipeRefs { recipe: recipe.display().to_string(), ..RecipeRefs::default() })
+            }
             Err(err) => Err(fs_err_io(err, &path)),
         }
     }
 
     fn save_refs(&self, recipe: &Path, refs: &RecipeRefs) -> Result<(), StoreError> {
         let path = self.refs_path(recipe);
-        let bytes = serde_json::to_vec_pretty(refs).map_err(|source| StoreError::Manifest {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = serde_json::to_vec_pretty(refs)
+            .map_err(|source| StoreError::Manifest { path: path.clone(), source })?;
         write_atomic(&path, &bytes)?;
         Ok(())
     }
@@ -405,23 +369,16 @@ mod tests {
     #[test]
     fn committed_artifacts_are_found() {
         let (_tmp, store, key) = store_with_artifact();
-        let Lookup::Hit(artifact) = store.lookup(&key).unwrap() else {
-            panic!("expected a hit")
-        };
+        let Lookup::Hit(artifact) = store.lookup(&key).unwrap() else { panic!("expected a hit") };
         assert_eq!(artifact.manifest.files.len(), 1);
-        assert_eq!(
-            std::fs::read_to_string(artifact.dir.join("a.txt")).unwrap(),
-            "hello"
-        );
+        assert_eq!(std::fs::read_to_string(artifact.dir.join("a.txt")).unwrap(), "hello");
         assert_eq!(store.verify(&key).unwrap(), None);
     }
 
     #[test]
     fn tampered_artifacts_are_detected_and_removed() {
         let (_tmp, store, key) = store_with_artifact();
-        let Lookup::Hit(artifact) = store.lookup(&key).unwrap() else {
-            panic!("expected a hit")
-        };
+        let Lookup::Hit(artifact) = store.lookup(&key).unwrap() else { panic!("expected a hit") };
         std::fs::write(artifact.dir.join("a.txt"), "HELLO").unwrap();
         assert_eq!(store.verify(&key).unwrap(), Some("a.txt".to_string()));
         match store.lookup(&key).unwrap() {
@@ -440,12 +397,7 @@ mod tests {
         std::fs::write(staging.out_dir.join("a.txt"), "partial").unwrap();
         drop(staging);
         assert!(matches!(store.lookup(&key).unwrap(), Lookup::Miss));
-        assert_eq!(
-            std::fs::read_dir(store.root().join("staging"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(store.root().join("staging")).unwrap().count(), 0);
     }
 
     #[test]
@@ -455,20 +407,13 @@ mod tests {
         let key = CacheKey(blake3::hash(b"k"));
         // A pid that cannot be running: above the kernel's pid_max.
         let dead = 4_194_304 + 17;
-        std::fs::write(
-            store.root().join("locks").join(format!("{key}.lock")),
-            dead.to_string(),
-        )
-        .unwrap();
-        let events = Events {
-            stale: Cell::new(None),
-        };
+        std::fs::write(store.root().join("locks").join(format!("{key}.lock")), dead.to_string())
+            .unwrap();
+        let events = Events { stale: Cell::new(None) };
         let lock = store.lock(&key, &events).unwrap();
         assert_eq!(events.stale.get(), Some(dead));
         drop(lock);
-        let events = Events {
-            stale: Cell::new(None),
-        };
+        let events = Events { stale: Cell::new(None) };
         let _lock = store.lock(&key, &events).unwrap();
         assert_eq!(events.stale.get(), None);
     }

@@ -81,10 +81,7 @@ pub fn scan_dir(dir: &Path) -> std::io::Result<Vec<FileEntry>> {
         if !entry.file_type().is_file() {
             continue;
         }
-        let rel = entry
-            .path()
-            .strip_prefix(dir)
-            .map_err(std::io::Error::other)?;
+        let rel = entry.path().strip_prefix(dir).map_err(std::io::Error::other)?;
         let meta = entry.metadata().map_err(std::io::Error::other)?;
         entries.push(FileEntry {
             path: rel.to_string_lossy().replace('\\', "/"),

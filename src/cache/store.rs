@@ -18,10 +18,7 @@ pub enum StoreError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("bad manifest {path}: {source}")]
-    Manifest {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Manifest { path: PathBuf, source: serde_json::Error },
 }
 
 /// A stored, verified artifact.

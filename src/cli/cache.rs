@@ -40,10 +40,7 @@ pub fn cache(global: &Global, command: CacheCommand) -> miette::Result<ExitCode>
 fn ls(global: &Global) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, None))?;
     let manifests = store.list().map_err(|err| miette::miette!("{err}"))?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut table = Table::new(&["key", "stage", "kind", "files", "size", "age"]);
     let mut total = 0;
     for manifest in &manifests {
@@ -58,12 +55,7 @@ fn ls(global: &Global) -> miette::Result<ExitCode> {
         ]);
     }
     print!("{}", table.render());
-    println!(
-        "{} artifacts, {} in {}",
-        manifests.len(),
-        bytes(total),
-        store.location()
-    );
+    println!("{} artifacts, {} in {}", manifests.len(), bytes(total), store.location());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -86,9 +78,7 @@ fn gc(global: &Global, recipes: &[PathBuf]) -> miette::Result<ExitCode> {
         let entries =
             watchfire::plan::plan(&recipe, &store).map_err(|err| miette::miette!("{err}"))?;
         keep.extend(entries.iter().filter_map(|e| e.key.map(|k| k.to_hex())));
-        let refs = store
-            .refs(&recipe.path)
-            .map_err(|err| miette::miette!("{err}"))?;
+        let refs = store.refs(&recipe.path).map_err(|err| miette::miette!("{err}"))?;
         keep.extend(refs.instances.values().map(|entry| entry.key.clone()));
         store_dir.get_or_insert(dir);
     }
@@ -105,14 +95,8 @@ fn gc(global: &Global, recipes: &[PathBuf]) -> miette::Result<ExitCode> {
             println!("removed {} ({})", &manifest.key[..12], manifest.stage);
         }
     }
-    freed += store
-        .clean_staging()
-        .map_err(|err| miette::miette!("{err}"))?;
-    println!(
-        "removed {removed} artifacts, freed {}; kept {}",
-        bytes(freed),
-        keep.len()
-    );
+    freed += store.clean_staging().map_err(|err| miette::miette!("{err}"))?;
+    println!("removed {removed} artifacts, freed {}; kept {}", bytes(freed), keep.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -137,9 +121,5 @@ fn verify(global: &Global, fix: bool) -> miette::Result<ExitCode> {
         }
     }
     println!("{} artifacts checked, {bad} corrupt", manifests.len());
-    Ok(if bad == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

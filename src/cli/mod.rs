@@ -2,6 +2,7 @@
 
 mod bench;
 mod cache;
+mod lock;
 mod render;
 mod run;
 mod show;
@@ -48,6 +49,8 @@ pub enum Command {
     Plan(run::PlanArgs),
     /// Print the recipe's DAG as DOT or Mermaid.
     Graph(GraphArgs),
+    /// Rebuild stages from scratch and compare their outputs with the lock.
+    Verify(lock::VerifyArgs),
     /// Show a stage's artifact, manifest and lineage.
     Show(show::ShowArgs),
     /// Inspect and clean the cache.
@@ -81,18 +84,14 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.global);
     miette::set_hook(Box::new(|_| {
-        Box::new(
-            miette::MietteHandlerOpts::new()
-                .terminal_links(false)
-                .width(100)
-                .build(),
-        )
+        Box::new(miette::MietteHandlerOpts::new().terminal_links(false).width(100).build())
     }))
     .ok();
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.global, args),
         Command::Plan(args) => run::plan(&cli.global, args),
         Command::Graph(args) => graph(&cli.global, args),
+        Command::Verify(args) => lock::verify(&cli.global, args),
         Command::Show(args) => show::show(&cli.global, args),
         Command::Cache(command) => cache::cache(&cli.global, command),
         Command::Kinds => kinds(),
@@ -126,10 +125,8 @@ fn init_tracing(global: &Global) {
 
 /// Loads a recipe with the global options applied.
 pub fn load(global: &Global, path: &Path, variants: &[String]) -> miette::Result<Recipe> {
-    let options = LoadOptions {
-        data_roots: global.data_roots.clone(),
-        variants: variants.to_vec(),
-    };
+    let options =
+        LoadOptions { data_roots: global.data_roots.clone(), variants: variants.to_vec() };
     watchfire::recipe::load(path, &options)
 }
 

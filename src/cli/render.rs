@@ -78,8 +78,7 @@ impl RunObserver for CliObserver<'_> {
     fn key_computed(&self, name: &str, fields: &KeyFields, key: &CacheKey) {
         if self.verbose >= 2 {
             let json = serde_json::to_string_pretty(fields).unwrap_or_default();
-            self.reporter
-                .println(&format!("key of `{name}` = {key}\n{json}"));
+            self.reporter.println(&format!("key of `{name}` = {key}\n{json}"));
         }
     }
 
@@ -139,9 +138,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
-        Self {
-            rows: vec![header.iter().map(|h| h.to_string()).collect()],
-        }
+        Self { rows: vec![header.iter().map(|h| h.to_string()).collect()] }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {

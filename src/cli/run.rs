@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use clap::Args;
 use watchfire::executor::LocalExecutor;
+use watchfire::lock::LockFile;
 use watchfire::plan::{Decision, plan as plan_recipe};
 use watchfire::recipe::Recipe;
-use watchfire::scheduler::{RunOptions, RunReport, Status};
+use watchfire::scheduler::{KeyPolicy, RunOptions, RunReport, Status};
 
 use super::render::{CliObserver, CliReporter, Table, duration, status_word};
 use super::{Global, cache_dir, load, open_store};
@@ -25,6 +26,13 @@ pub struct RunArgs {
     /// Only these variants (repeatable).
     #[arg(long = "variant")]
     pub variants: Vec<String>,
+    /// Do not write `RECIPE.lock`.
+    #[arg(long)]
+    pub no_lock: bool,
+    /// Refuse to run any stage whose key is not in `RECIPE.lock` (and leave
+    /// the lock as it is).
+    #[arg(long)]
+    pub frozen: bool,
 }
 
 #[derive(Args)]
@@ -33,6 +41,9 @@ pub struct PlanArgs {
     /// Only these variants (repeatable).
     #[arg(long = "variant")]
     pub variants: Vec<String>,
+    /// Fail when the recipe or its inputs no longer match `RECIPE.lock`.
+    #[arg(long)]
+    pub locked: bool,
 }
 
 pub fn run(global: &Global, args: RunArgs) -> miette::Result<ExitCode> {
@@ -44,36 +55,27 @@ pub fn run(global: &Global, args: RunArgs) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, Some(&recipe)))?;
     super::show::remember_recipe(&store, &recipe);
     let reporter = CliReporter::new(global);
-    let observer = CliObserver {
-        reporter: &reporter,
-        verbose: global.verbose,
-    };
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = RunOptions {
-        jobs,
-        gpus: 0,
-        policy: None,
-    };
-    let report = watchfire::scheduler::run(
-        &recipe,
-        &store,
-        &LocalExecutor,
-        &reporter,
-        &observer,
-        &options,
-    )
-    .map_err(|err| miette::miette!("cache: {err}"))?;
+    let observer = CliObserver { reporter: &reporter, verbose: global.verbose };
+    let jobs =
+        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let lock_path = LockFile::path_for(&recipe.path);
+    let frozen = if args.frozen { Some(Frozen(read_lock(&lock_path)?)) } else { None };
+    let policy = frozen.as_ref().map(|f| f as &dyn KeyPolicy);
+    let options = RunOptions { jobs, gpus: 0, policy };
+    let report =
+        watchfire::scheduler::run(&recipe, &store, &LocalExecutor, &reporter, &observer, &options)
+            .map_err(|err| miette::miette!("cache: {err}"))?;
     print_failures(&report);
     if !global.quiet {
         print_summary(&recipe, &report, start.elapsed());
     }
-    Ok(if report.failed() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    if report.failed() {
+        return Ok(ExitCode::FAILURE);
+    }
+    if !args.no_lock && !args.frozen {
+        super::lock::update_lock(&recipe, &report, &lock_path, !args.variants.is_empty())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_failures(report: &RunReport) {
@@ -108,13 +110,7 @@ fn print_summary(recipe: &Recipe, report: &RunReport, elapsed: std::time::Durati
         };
         let key = outcome.key.map(|k| k.short()).unwrap_or_default();
         let kind = instance.kind.kind().to_string();
-        table.row(vec![
-            outcome.name.clone(),
-            kind,
-            status,
-            duration(outcome.duration),
-            key,
-        ]);
+        table.row(vec![outcome.name.clone(), kind, status, duration(outcome.duration), key]);
     }
     print!("{}", table.render());
     let count = |f: fn(&Status) -> bool| report.outcomes.iter().filter(|o| f(&o.status)).count();
@@ -129,8 +125,35 @@ fn print_summary(recipe: &Recipe, report: &RunReport, elapsed: std::time::Durati
     );
 }
 
+/// `--frozen`: only keys the lock lists may run.
+struct Frozen(LockFile);
+
+impl KeyPolicy for Frozen {
+    fn allow(&self, name: &str, key: &watchfire::cache::CacheKey) -> Result<(), String> {
+        if self.0.has_key(name, key) {
+            Ok(())
+        } else {
+            Err(format!("its key {} is not in the lock (--frozen)", key.short()))
+        }
+    }
+}
+
+fn read_lock(path: &std::path::Path) -> miette::Result<LockFile> {
+    LockFile::read(path).map_err(|err| miette::miette!("{err}"))?.ok_or_else(|| {
+        miette::miette!(
+            help = "run the recipe once without `--frozen` or `--locked` and commit the lock",
+            "there is no lock file at {}",
+            path.display()
+        )
+    })
+}
+
 pub fn plan(global: &Global, args: PlanArgs) -> miette::Result<ExitCode> {
     let recipe = load(global, &args.recipe, &args.variants)?;
+    if args.locked {
+        let lock = read_lock(&LockFile::path_for(&recipe.path))?;
+        return super::lock::check_locked(global, &recipe, &lock);
+    }
     print_plan(global, &recipe)
 }
 
@@ -154,12 +177,7 @@ fn print_plan(global: &Global, recipe: &Recipe) -> miette::Result<ExitCode> {
                 ("run", format!("waits on `{dep}`, which will run"))
             }
         };
-        table.row(vec![
-            entry.name.clone(),
-            entry.kind.clone(),
-            word.to_string(),
-            why,
-        ]);
+        table.row(vec![entry.name.clone(), entry.kind.clone(), word.to_string(), why]);
         if global.verbose >= 2
             && let Some(fields) = &entry.fields
         {

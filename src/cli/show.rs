@@ -83,17 +83,10 @@ fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miett
     println!("key       {}", manifest.key);
     println!("artifact  {}", artifact.dir.display());
     println!("output    {}", manifest.output_hash);
-    println!(
-        "built in  {} ms by watchfire {}",
-        manifest.duration_ms, manifest.watchfire_version
-    );
+    println!("built in  {} ms by watchfire {}", manifest.duration_ms, manifest.watchfire_version);
     let mut table = Table::new(&["file", "size", "blake3"]);
     for file in &manifest.files {
-        table.row(vec![
-            file.path.clone(),
-            bytes(file.size),
-            file.hash[..16].to_string(),
-        ]);
+        table.row(vec![file.path.clone(), bytes(file.size), file.hash[..16].to_string()]);
     }
     for line in table.render().lines() {
         println!("  {line}");
@@ -105,16 +98,8 @@ fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miett
 
 fn print_lineage(recipe: &Recipe, entries: &[PlanEntry], index: usize, depth: usize) {
     let instance = &recipe.instances[index];
-    let key = entries[index]
-        .key
-        .map(|k| k.short())
-        .unwrap_or_else(|| "(not built)".to_string());
-    println!(
-        "{}{} [{}] {key}",
-        "  ".repeat(depth),
-        instance.name,
-        instance.kind.kind()
-    );
+    let key = entries[index].key.map(|k| k.short()).unwrap_or_else(|| "(not built)".to_string());
+    println!("{}{} [{}] {key}", "  ".repeat(depth), instance.name, instance.kind.kind());
     for (slot, binding) in &instance.inputs {
         match binding {
             InputBinding::Stage { instance: dep, .. } => {

@@ -85,16 +85,8 @@ impl RecipeError {
         source: &NamedSource<Arc<str>>,
         message: impl Into<String>,
     ) -> Self {
-        let detail = Detail {
-            labels: Vec::new(),
-            help: None,
-            source: source.clone(),
-        };
-        Self {
-            kind,
-            message: message.into(),
-            detail: Box::new(detail),
-        }
+        let detail = Detail { labels: Vec::new(), help: None, source: source.clone() };
+        Self { kind, message: message.into(), detail: Box::new(detail) }
     }
 
     pub fn label(mut self, span: Range<usize>, label: impl Into<String>) -> Self {
@@ -163,10 +155,7 @@ impl Diagnostic for RecipeError {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.detail
-            .help
-            .as_ref()
-            .map(|help| Box::new(help) as Box<dyn fmt::Display>)
+        self.detail.help.as_ref().map(|help| Box::new(help) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn SourceCode> {
@@ -174,8 +163,11 @@ impl Diagnostic for RecipeError {
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        Some(Box::new(self.detail.labels.iter().map(|(span, label)| {
-            LabeledSpan::new_with_span(Some(label.clone()), span.clone())
-        })))
+        Some(Box::new(
+            self.detail
+                .labels
+                .iter()
+                .map(|(span, label)| LabeledSpan::new_with_span(Some(label.clone()), span.clone())),
+        ))
     }
 }

@@ -23,10 +23,7 @@ pub struct Interpolator<'a> {
 
 impl<'a> Interpolator<'a> {
     pub fn new(params: &'a IndexMap<String, Value>) -> Self {
-        Self {
-            params,
-            used: BTreeSet::new(),
-        }
+        Self { params, used: BTreeSet::new() }
     }
 
     /// Interpolates every string inside `value`, recursively. On error,
@@ -37,18 +34,13 @@ impl<'a> Interpolator<'a> {
             Value::Array(items) => items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| {
-                    self.value(item)
-                        .map_err(|(p, e)| (prepend(i.to_string(), p), e))
-                })
+                .map(|(i, item)| self.value(item).map_err(|(p, e)| (prepend(i.to_string(), p), e)))
                 .collect::<Result<_, _>>()
                 .map(Value::Array),
             Value::Object(map) => {
                 let mut out = serde_json::Map::new();
                 for (key, item) in map {
-                    let item = self
-                        .value(item)
-                        .map_err(|(p, e)| (prepend(key.clone(), p), e))?;
+                    let item = self.value(item).map_err(|(p, e)| (prepend(key.clone(), p), e))?;
                     out.insert(key.clone(), item);
                 }
                 Ok(Value::Object(out))
@@ -72,9 +64,7 @@ impl<'a> Interpolator<'a> {
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
-                return Err(UnknownReference {
-                    reference: rest[start..].to_string(),
-                });
+                return Err(UnknownReference { reference: rest[start..].to_string() });
             };
             match self.lookup(&after[..end])? {
                 Value::String(s) => out.push_str(s),
@@ -87,9 +77,7 @@ impl<'a> Interpolator<'a> {
     }
 
     fn lookup(&mut self, inner: &str) -> Result<&'a Value, UnknownReference> {
-        let unknown = || UnknownReference {
-            reference: format!("${{{inner}}}"),
-        };
+        let unknown = || UnknownReference { reference: format!("${{{inner}}}") };
         let name = inner.trim().strip_prefix("params.").ok_or_else(unknown)?;
         let value = self.params.get(name).ok_or_else(unknown)?;
         self.used.insert(name.to_string());
@@ -114,10 +102,7 @@ mod tests {
     use serde_json::json;
 
     fn params() -> IndexMap<String, Value> {
-        IndexMap::from([
-            ("n".to_string(), json!(4)),
-            ("name".to_string(), json!("fire")),
-        ])
+        IndexMap::from([("n".to_string(), json!(4)), ("name".to_string(), json!("fire"))])
     }
 
     #[test]
@@ -140,9 +125,7 @@ mod tests {
     fn unknown_names_are_errors() {
         let params = params();
         let mut interp = Interpolator::new(&params);
-        let err = interp
-            .value(&json!({"a": ["x", "${params.m}"]}))
-            .unwrap_err();
+        let err = interp.value(&json!({"a": ["x", "${params.m}"]})).unwrap_err();
         assert_eq!(err.0, vec!["a", "1"]);
         assert_eq!(err.1.reference, "${params.m}");
         assert!(interp.string("${env.HOME}").is_err());

@@ -142,11 +142,7 @@ pub fn parse(text: &str, name: &str) -> Result<ParsedRecipe, RecipeError> {
     }
     if let Some(dup) = spans.duplicates.first() {
         let name = dup.path.last().cloned().unwrap_or_default();
-        let what = if dup.path.len() == 2 && dup.path[0] == "stages" {
-            "stage id"
-        } else {
-            "key"
-        };
+        let what = if dup.path.len() == 2 && dup.path[0] == "stages" { "stage id" } else { "key" };
         return Err(RecipeError::new(
             RecipeErrorKind::DuplicateId,
             &source,
@@ -159,11 +155,7 @@ pub fn parse(text: &str, name: &str) -> Result<ParsedRecipe, RecipeError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     let file: RecipeFile = serde_path_to_error::deserialize(deserializer)
         .map_err(|err| serde_error(&source, &spans, err))?;
-    Ok(ParsedRecipe {
-        file,
-        spans,
-        source,
-    })
+    Ok(ParsedRecipe { file, spans, source })
 }
 
 fn serde_error(
@@ -185,15 +177,17 @@ pub(crate) fn placed_serde_error(
     path: &[String],
     message: &str,
 ) -> RecipeError {
-    let dotted = path.join(".");
     if let Some((field, expected)) = unknown_field(message) {
-        let mut key_path = path.to_vec();
-        key_path.push(field.clone());
-        let where_ = if dotted.is_empty() {
-            "the recipe".to_string()
-        } else {
-            format!("`{dotted}`")
+        // serde_path_to_error's path already ends at the unknown key.
+        let parent = match path.split_last() {
+            Some((last, parent)) if *last == field => parent,
+            _ => path,
         };
+        let dotted = parent.join(".");
+        let mut key_path = parent.to_vec();
+        key_path.push(field.clone());
+        let where_ =
+            if dotted.is_empty() { "the recipe".to_string() } else { format!("`{dotted}`") };
         let err = RecipeError::new(
             RecipeErrorKind::UnknownKey,
             source,
@@ -207,33 +201,22 @@ pub(crate) fn placed_serde_error(
             None => err.help(format!("known keys: {}", expected.join(", "))),
         };
     }
+    let dotted = path.join(".");
     if let Some(field) = between(message, "missing field `", "`") {
-        let at = if path.is_empty() {
-            0..0
-        } else {
-            spans.key_or_value(path)
-        };
+        let at = if path.is_empty() { 0..0 } else { spans.key_or_value(path) };
         return RecipeError::new(
             RecipeErrorKind::Invalid,
             source,
             format!(
                 "missing key `{field}`{}",
-                if dotted.is_empty() {
-                    String::new()
-                } else {
-                    format!(" in `{dotted}`")
-                }
+                if dotted.is_empty() { String::new() } else { format!(" in `{dotted}`") }
             ),
         )
         .label(at, format!("`{field}` is required here"))
         .help(format!("add `{field}:`"));
     }
-    RecipeError::new(
-        RecipeErrorKind::Invalid,
-        source,
-        format!("`{dotted}`: {message}"),
-    )
-    .label(spans.value_or_ancestor(path), message.to_string())
+    RecipeError::new(RecipeErrorKind::Invalid, source, format!("`{dotted}`: {message}"))
+        .label(spans.value_or_ancestor(path), message.to_string())
 }
 
 /// serde_yaml appends " at line L column C"; the span already says where.
@@ -254,13 +237,7 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
     let field = between(message, "unknown field `", "`")?.to_string();
     let expected = message
         .split_once("expected")
-        .map(|(_, rest)| {
-            rest.split('`')
-                .skip(1)
-                .step_by(2)
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
+        .map(|(_, rest)| rest.split('`').skip(1).step_by(2).map(str::to_string).collect::<Vec<_>>())
         .unwrap_or_default();
     Some((field, expected))
 }

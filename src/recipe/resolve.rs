@@ -50,6 +50,7 @@ pub struct Recipe {
 
 /// One stage as it runs: a recipe stage under the params of one or more
 /// variants that resolve it identically.
+#[derive(Clone)]
 pub struct StageInstance {
     /// `scene` when the default variant uses it, else `scene@VARIANT`.
     pub name: String,
@@ -71,12 +72,43 @@ pub struct StageInstance {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InputBinding {
     /// Another instance's artifact, or one file of it.
-    Stage {
-        instance: usize,
-        output: Option<String>,
-    },
+    Stage { instance: usize, output: Option<String> },
     /// A file or folder; `display` is how the recipe author sees it.
     Path { display: String, abs: PathBuf },
+}
+
+impl Recipe {
+    /// Keeps only the named instances and everything they depend on.
+    pub fn retain_with_ancestors(&mut self, names: &[String]) {
+        let mut keep = vec![false; self.instances.len()];
+        for (index, instance) in self.instances.iter().enumerate().rev() {
+            if names.contains(&instance.name) {
+                keep[index] = true;
+            }
+            if keep[index] {
+                for &dep in &instance.deps {
+                    keep[dep] = true;
+                }
+            }
+        }
+        let mut new_index = vec![usize::MAX; keep.len()];
+        let mut kept = Vec::new();
+        for (index, instance) in std::mem::take(&mut self.instances).into_iter().enumerate() {
+            if keep[index] {
+                new_index[index] = kept.len();
+                kept.push(instance);
+            }
+        }
+        for instance in &mut kept {
+            instance.deps.iter_mut().for_each(|dep| *dep = new_index[*dep]);
+            for binding in instance.inputs.values_mut() {
+                if let InputBinding::Stage { instance: dep, .. } = binding {
+                    *dep = new_index[*dep];
+                }
+            }
+        }
+        self.instances = kept;
+    }
 }
 
 /// Reads, parses and resolves the recipe at `path`.
@@ -161,10 +193,7 @@ type VariantParams = (String, IndexMap<String, Value>);
 
 /// An input reference before it is bound.
 enum Reference {
-    Stage {
-        stage: String,
-        output: Option<String>,
-    },
+    Stage { stage: String, output: Option<String> },
     Path(String),
 }
 
@@ -186,14 +215,8 @@ impl<'a> Resolver<'a> {
             let Some(kind) = find_kind(&decl.kind) else {
                 let names: Vec<&str> = registry().iter().map(|k| k.kind()).collect();
                 let err = self
-                    .error(
-                        K::UnknownKind,
-                        format!("stage `{id}` has unknown kind `{}`", decl.kind),
-                    )
-                    .label(
-                        self.spans().value_or_ancestor(&["stages", id, "kind"]),
-                        "unknown kind",
-                    );
+                    .error(K::UnknownKind, format!("stage `{id}` has unknown kind `{}`", decl.kind))
+                    .label(self.spans().value_or_ancestor(&["stages", id, "kind"]), "unknown kind");
                 return Err(match did_you_mean(&decl.kind, names.iter().copied()) {
                     Some(best) => err.help(format!("did you mean `{best}`?")),
                     None => err.help(format!("known kinds: {}", names.join(", "))),
@@ -210,11 +233,7 @@ impl<'a> Resolver<'a> {
         let mut out = vec![(DEFAULT_VARIANT.to_string(), base.clone())];
         for (name, decl) in &self.parsed.file.variants {
             for key in decl.params.keys().chain(decl.matrix.keys()) {
-                let section = if decl.params.contains_key(key) {
-                    "params"
-                } else {
-                    "matrix"
-                };
+                let section = if decl.params.contains_key(key) { "params" } else { "matrix" };
                 if !base.contains_key(key) {
                     let span = self.spans().key_or_value(&["variants", name, section, key]);
                     return Err(self
@@ -228,9 +247,7 @@ impl<'a> Resolver<'a> {
                 vec![(Vec::new(), decl.params.clone())];
             for (key, values) in &decl.matrix {
                 if values.is_empty() {
-                    let span = self
-                        .spans()
-                        .value_or_ancestor(&["variants", name, "matrix", key]);
+                    let span = self.spans().value_or_ancestor(&["variants", name, "matrix", key]);
                     return Err(self
                         .error(
                             K::Invalid,
@@ -322,10 +339,7 @@ impl<'a> Resolver<'a> {
                 let binding = match reference {
                     Reference::Stage { stage, output } => {
                         let file = output.as_ref().map(|stem| self.output_file(stage, stem));
-                        InputBinding::Stage {
-                            instance: instance_of[stage],
-                            output: file,
-                        }
+                        InputBinding::Stage { instance: instance_of[stage], output: file }
                     }
                     Reference::Path(path) => self.bind_path(&id, slot, path)?,
                 };
@@ -346,12 +360,8 @@ impl<'a> Resolver<'a> {
         let mut map = serde_json::Map::new();
         for (key, value) in &decl.params {
             let value = interp.value(value).map_err(|(below, err)| {
-                let mut path = vec![
-                    "stages".to_string(),
-                    id.to_string(),
-                    "params".to_string(),
-                    key.clone(),
-                ];
+                let mut path =
+                    vec!["stages".to_string(), id.to_string(), "params".to_string(), key.clone()];
                 path.extend(below);
                 self.error(
                     K::UnknownInterpolation,
@@ -363,8 +373,7 @@ impl<'a> Resolver<'a> {
             map.insert(key.clone(), value);
         }
         let kind = self.kinds[id];
-        kind.resolve_params(Value::Object(map))
-            .map_err(|issue| self.param_error(id, issue))
+        kind.resolve_params(Value::Object(map)).map_err(|issue| self.param_error(id, issue))
     }
 
     fn param_error(&self, id: &str, issue: ParamIssue) -> RecipeError {
@@ -413,10 +422,7 @@ impl<'a> Resolver<'a> {
                 let err = self
                     .error(
                         K::UnknownInputSlot,
-                        format!(
-                            "stage `{id}` (kind `{}`) has no input `{slot}`",
-                            kind.kind()
-                        ),
+                        format!("stage `{id}` (kind `{}`) has no input `{slot}`", kind.kind()),
                     )
                     .label(self.spans().key_or_value(&path), "unknown input");
                 return Err(match did_you_mean(slot, slots.iter().copied()) {
@@ -443,10 +449,7 @@ impl<'a> Resolver<'a> {
             if !out.contains_key(spec.name) {
                 let span = self.spans().key_or_value(&["stages", id]);
                 return Err(self
-                    .error(
-                        K::MissingInput,
-                        format!("stage `{id}` needs input `{}`", spec.name),
-                    )
+                    .error(K::MissingInput, format!("stage `{id}` needs input `{}`", spec.name))
                     .label(span, format!("no `{}` under `inputs`", spec.name))
                     .help(format!(
                         "add `inputs: {{ {}: STAGE_OR_PATH }}` ({})",
@@ -465,9 +468,7 @@ impl<'a> Resolver<'a> {
             Some((stage, output)) => (stage, Some(output)),
             None => (text, None),
         };
-        let span = self
-            .spans()
-            .value_or_ancestor(&["stages", id, "inputs", slot]);
+        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
         let Some(kind) = self.kinds.get(stage) else {
             let err = self
                 .error(
@@ -495,31 +496,21 @@ impl<'a> Resolver<'a> {
                     .label(span, "no such output");
                 return Err(match did_you_mean(output, stems.iter().copied()) {
                     Some(best) => err.help(format!("did you mean `{stage}.{best}`?")),
-                    None => err.help(format!(
-                        "outputs of `{}`: {}",
-                        kind.kind(),
-                        stems.join(", ")
-                    )),
+                    None => err.help(format!("outputs of `{}`: {}", kind.kind(), stems.join(", "))),
                 });
             }
         }
-        Ok(Reference::Stage {
-            stage: stage.to_string(),
-            output: output.map(str::to_string),
-        })
+        Ok(Reference::Stage { stage: stage.to_string(), output: output.map(str::to_string) })
     }
 
     fn output_file(&self, stage: &str, output_stem: &str) -> String {
         let kind = self.kinds[stage];
         let file = kind.outputs().iter().find(|file| stem(file) == output_stem);
-        file.map(|f| f.to_string())
-            .unwrap_or_else(|| output_stem.to_string())
+        file.map(|f| f.to_string()).unwrap_or_else(|| output_stem.to_string())
     }
 
     fn bind_path(&self, id: &str, slot: &str, text: &str) -> Result<InputBinding, RecipeError> {
-        let span = self
-            .spans()
-            .value_or_ancestor(&["stages", id, "inputs", slot]);
+        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
         let joined = normalize(&self.recipe_dir.join(text));
         let display = match joined.strip_prefix(&self.project_root) {
             Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
@@ -557,10 +548,8 @@ impl<'a> Resolver<'a> {
         resolved: &IndexMap<String, (Value, IndexMap<String, Reference>)>,
     ) -> Result<Vec<String>, RecipeError> {
         let mut graph: DiGraph<&str, &str> = DiGraph::new();
-        let nodes: IndexMap<&str, NodeIndex> = resolved
-            .keys()
-            .map(|id| (id.as_str(), graph.add_node(id.as_str())))
-            .collect();
+        let nodes: IndexMap<&str, NodeIndex> =
+            resolved.keys().map(|id| (id.as_str(), graph.add_node(id.as_str()))).collect();
         for (id, (_, refs)) in resolved {
             for (slot, reference) in refs {
                 if let Reference::Stage { stage, .. } = reference {
@@ -579,20 +568,12 @@ impl<'a> Resolver<'a> {
         let names: Vec<&str> = path.iter().map(|&n| graph[n]).collect();
         let mut shown = names.clone();
         shown.push(names[0]);
-        let mut err = self.error(
-            K::Cycle,
-            format!("stages form a cycle: {}", shown.join(" -> ")),
-        );
+        let mut err = self.error(K::Cycle, format!("stages form a cycle: {}", shown.join(" -> ")));
         for (i, &node) in path.iter().enumerate() {
             let from = graph[node];
             let to_node = path[(i + 1) % path.len()];
-            let edge = graph
-                .find_edge(node, to_node)
-                .map(|e| graph[e])
-                .unwrap_or("?");
-            let span = self
-                .spans()
-                .value_or_ancestor(&["stages", graph[to_node], "inputs", edge]);
+            let edge = graph.find_edge(node, to_node).map(|e| graph[e]).unwrap_or("?");
+            let span = self.spans().value_or_ancestor(&["stages", graph[to_node], "inputs", edge]);
             err = err.label(span, format!("`{}` reads `{from}`", graph[to_node]));
         }
         err.help("a stage cannot depend on its own output; break the loop by removing one of these inputs")
@@ -608,10 +589,7 @@ impl<'a> Resolver<'a> {
     ) -> usize {
         let signature = signature(id, &params, &inputs);
         if let Some(&index) = self.by_signature.get(&signature) {
-            self.instances[index]
-                .instance
-                .variants
-                .push(variant.to_string());
+            self.instances[index].instance.variants.push(variant.to_string());
             return index;
         }
         let decl = &self.stages()[id];
@@ -648,11 +626,7 @@ trait HelpIfNone {
 
 impl HelpIfNone for RecipeError {
     fn help_if_none(self, help: String) -> Self {
-        if self.help_text().is_some() {
-            self
-        } else {
-            self.help(help)
-        }
+        if self.help_text().is_some() { self } else { self.help(help) }
     }
 }
 
@@ -718,11 +692,8 @@ fn interpolation_help(interp: &Interpolator) -> String {
     if interp.params.is_empty() {
         "the recipe declares no `params`; only `${params.NAME}` is supported".to_string()
     } else {
-        let names: Vec<String> = interp
-            .params
-            .keys()
-            .map(|k| format!("`${{params.{k}}}`"))
-            .collect();
+        let names: Vec<String> =
+            interp.params.keys().map(|k| format!("`${{params.{k}}}`")).collect();
         format!("available: {}", names.join(", "))
     }
 }
@@ -741,9 +712,7 @@ fn stem(file: &str) -> &str {
 /// The project a recipe belongs to: the nearest folder up from it holding
 /// `.git` or `watchfire.toml`, else the recipe's own folder.
 pub fn project_root(recipe_dir: &Path) -> PathBuf {
-    let start = recipe_dir
-        .canonicalize()
-        .unwrap_or_else(|_| recipe_dir.to_path_buf());
+    let start = recipe_dir.canonicalize().unwrap_or_else(|_| recipe_dir.to_path_buf());
     start
         .ancestors()
         .find(|dir| dir.join(".git").exists() || dir.join("watchfire.toml").exists())
@@ -753,11 +722,7 @@ pub fn project_root(recipe_dir: &Path) -> PathBuf {
 
 fn allowed_roots(project_root: &Path, data_roots: &[PathBuf]) -> Vec<PathBuf> {
     std::iter::once(project_root.to_path_buf())
-        .chain(
-            data_roots
-                .iter()
-                .map(|root| root.canonicalize().unwrap_or_else(|_| root.clone())),
-        )
+        .chain(data_roots.iter().map(|root| root.canonicalize().unwrap_or_else(|_| root.clone())))
         .collect()
 }
 

@@ -90,12 +90,7 @@ impl SpanIndex {
             .filter(|(p, _)| {
                 p.len() == depth + 1 && p.iter().zip(path).all(|(a, b)| a == b.as_ref())
             })
-            .map(|(p, span)| {
-                (
-                    p[depth].clone(),
-                    span.key.clone().unwrap_or(span.value.clone()),
-                )
-            })
+            .map(|(p, span)| (p[depth].clone(), span.key.clone().unwrap_or(span.value.clone())))
             .collect();
         out.sort_by_key(|(_, span)| span.start);
         out
@@ -103,15 +98,16 @@ impl SpanIndex {
 }
 
 enum Frame {
-    Map {
-        path: NodePath,
-        key: Option<(String, Range<usize>)>,
-        seen: HashMap<String, Range<usize>>,
-    },
-    Seq {
-        path: NodePath,
-        next: usize,
-    },
+    Map { path: NodePath, key: Option<(String, Range<usize>)>, seen: HashMap<String, Range<usize>> },
+    Seq { path: NodePath, next: usize },
+}
+
+impl Frame {
+    fn path(&self) -> &NodePath {
+        match self {
+            Frame::Map { path, .. } | Frame::Seq { path, .. } => path,
+        }
+    }
 }
 
 struct Builder<'a> {
@@ -125,51 +121,40 @@ struct Builder<'a> {
 
 impl<'a> Builder<'a> {
     fn new(source: &'a str) -> Self {
-        let char_to_byte = (!source.is_ascii()).then(|| {
-            source
-                .char_indices()
-                .map(|(i, _)| i)
-                .chain([source.len()])
-                .collect()
-        });
-        Self {
-            source,
-            char_to_byte,
-            stack: Vec::new(),
-            index: SpanIndex::default(),
-            flow_depth: 0,
-        }
+        let char_to_byte = (!source.is_ascii())
+            .then(|| source.char_indices().map(|(i, _)| i).chain([source.len()]).collect());
+        Self { source, char_to_byte, stack: Vec::new(), index: SpanIndex::default(), flow_depth: 0 }
     }
 
     fn byte(&self, mark: Marker) -> usize {
         match &self.char_to_byte {
-            Some(table) => table
-                .get(mark.index())
-                .copied()
-                .unwrap_or(self.source.len()),
+            Some(table) => table.get(mark.index()).copied().unwrap_or(self.source.len()),
             None => mark.index().min(self.source.len()),
         }
     }
 
     /// Places a node that starts at `span`; returns its path when it is a value.
     fn place(&mut self, span: Range<usize>, scalar: Option<&str>) -> Option<NodePath> {
+        let first_line = span.start..self.line_end(span.start);
         match self.stack.last_mut() {
             None => Some(Vec::new()),
             Some(Frame::Seq { path, next }) => {
                 let mut child = path.clone();
                 child.push(next.to_string());
                 *next += 1;
-                self.index.nodes.insert(
-                    child.clone(),
-                    NodeSpan {
-                        key: None,
-                        value: span,
-                    },
-                );
+                self.index.nodes.insert(child.clone(), NodeSpan { key: None, value: span });
                 Some(child)
             }
             Some(Frame::Map { path, key, seen }) => match key.take() {
                 None => {
+                    // A block mapping's start mark lies after its first key:
+                    // place the mapping on the line of that key instead.
+                    if seen.is_empty()
+                        && let Some(map) = self.index.nodes.get_mut(&*path)
+                        && !self.source[map.value.start..].starts_with('{')
+                    {
+                        map.value = first_line;
+                    }
                     let name = scalar.unwrap_or("?").to_string();
                     if let Some(first) = seen.get(&name) {
                         let mut dup = path.clone();
@@ -188,10 +173,7 @@ impl<'a> Builder<'a> {
                 Some((name, key_span)) => {
                     let mut child = path.clone();
                     child.push(name);
-                    let node = NodeSpan {
-                        key: Some(key_span),
-                        value: span,
-                    };
+                    let node = NodeSpan { key: Some(key_span), value: span };
                     self.index.nodes.entry(child.clone()).or_insert(node);
                     Some(child)
                 }
@@ -266,31 +248,31 @@ impl MarkedEventReceiver for Builder<'_> {
                 }
                 let end = self.line_end(start);
                 if let Some(path) = self.place(start..end, None) {
-                    self.index.nodes.entry(path.clone()).or_insert(NodeSpan {
-                        key: None,
-                        value: start..end,
-                    });
+                    self.index
+                        .nodes
+                        .entry(path.clone())
+                        .or_insert(NodeSpan { key: None, value: start..end });
                     self.stack.push(if is_map {
-                        Frame::Map {
-                            path,
-                            key: None,
-                            seen: HashMap::new(),
-                        }
+                        Frame::Map { path, key: None, seen: HashMap::new() }
                     } else {
                         Frame::Seq { path, next: 0 }
                     });
                 } else {
                     // A container used as a mapping key: index nothing below it.
-                    self.stack.push(Frame::Seq {
-                        path: vec!["?".into()],
-                        next: 0,
-                    });
+                    self.stack.push(Frame::Seq { path: vec!["?".into()], next: 0 });
                 }
             }
             Event::MappingEnd | Event::SequenceEnd => {
-                self.stack.pop();
-                if start > 0 && self.source[..start].ends_with(['}', ']']) {
+                // The end mark of a flow container is its closing bracket.
+                let frame = self.stack.pop();
+                if self.source[start..].starts_with(['}', ']']) {
                     self.flow_depth = self.flow_depth.saturating_sub(1);
+                    if let Some(node) = frame.and_then(|f| self.index.nodes.get_mut(f.path()))
+                        && self.source[node.value.start..].starts_with(['{', '['])
+                        && node.value.start < start
+                    {
+                        node.value.end = start + 1;
+                    }
                 }
             }
             _ => {}
@@ -330,6 +312,17 @@ mod tests {
         assert_eq!(dup.path, vec!["stages", "a"]);
         assert_eq!(text(src, &dup.first), "a");
         assert_eq!(dup.second.start, src.rfind("a:").unwrap());
+    }
+
+    #[test]
+    fn containers_span_their_own_text() {
+        let src = "a:\n  b: 1\nc: [1, {d: []}]\ne: f, g\n";
+        let index = SpanIndex::build(src);
+        assert_eq!(text(src, &index.get(&["a"]).unwrap().value), "b: 1");
+        assert_eq!(text(src, &index.get(&["c"]).unwrap().value), "[1, {d: []}]");
+        assert_eq!(text(src, &index.get(&["c", "1"]).unwrap().value), "{d: []}");
+        assert_eq!(text(src, &index.get(&["c", "1", "d"]).unwrap().value), "[]");
+        assert_eq!(text(src, &index.get(&["e"]).unwrap().value), "f, g");
     }
 
     #[test]

@@ -49,22 +49,14 @@ impl Validate for DetailParams {
         if let Some(epsilon) = self.dp_epsilon
             && !(epsilon > 0.0 && epsilon <= 100.0)
         {
-            return Err(
-                ParamError::new("dp_epsilon", "must be between 0 (exclusive) and 100")
-                    .with_help("smaller is more private; 1.0 is a common choice"),
-            );
+            return Err(ParamError::new("dp_epsilon", "must be between 0 (exclusive) and 100")
+                .with_help("smaller is more private; 1.0 is a common choice"));
         }
         if !(0.0..=1000.0).contains(&self.dp_threshold) {
-            return Err(ParamError::new(
-                "dp_threshold",
-                "must be between 0 and 1000",
-            ));
+            return Err(ParamError::new("dp_threshold", "must be between 0 and 1000"));
         }
         if let Some(key) = self.attributes.keys().find(|k| k.trim().is_empty()) {
-            return Err(ParamError::new(
-                format!("attributes.{key}"),
-                "must not be empty",
-            ));
+            return Err(ParamError::new(format!("attributes.{key}"), "must not be empty"));
         }
         Ok(())
     }
@@ -90,11 +82,7 @@ impl Stage for Detail {
         value that agrees with them, and writes synthetic records with gold entity spans, a \
         synthetic marker and provenance. Optionally releases the seed's counts with Laplace noise.";
     const INPUTS: &'static [InputSpec] = &[
-        InputSpec {
-            name: "templates",
-            required: true,
-            doc: "Output of a `scene` stage.",
-        },
+        InputSpec { name: "templates", required: true, doc: "Output of a `scene` stage." },
         InputSpec {
             name: "seed",
             required: true,
@@ -107,10 +95,9 @@ impl Stage for Detail {
         let templates = read_templates(&ctx.input_file("templates", "templates.jsonl")?)?;
         let seed = read_records(&ctx.input_file("seed", "records.jsonl")?)?;
         let config = DetailConfig {
-            privacy: params.dp_epsilon.map(|epsilon| Privacy {
-                epsilon,
-                threshold: params.dp_threshold,
-            }),
+            privacy: params
+                .dp_epsilon
+                .map(|epsilon| Privacy { epsilon, threshold: params.dp_threshold }),
             pinned: params.attributes.clone(),
             stage_key: ctx.key.to_string(),
         };
@@ -129,11 +116,7 @@ impl Stage for Detail {
         };
         for record in &records {
             *stats.scenes.entry(record.scene.clone()).or_default() += 1;
-            let mode = record
-                .provenance
-                .as_ref()
-                .map(|p| p.mode.clone())
-                .unwrap_or_default();
+            let mode = record.provenance.as_ref().map(|p| p.mode.clone()).unwrap_or_default();
             *stats.modes.entry(mode).or_default() += 1;
         }
         write_jsonl(&ctx.output("records.jsonl"), &records)?;
@@ -169,28 +152,16 @@ mod tests {
     ) -> (String, Vec<Record>) {
         let data = h.write_records("seed.jsonl", &tiny_seed());
         let schema = EntitySchema::default();
-        let scene_params = SceneParams {
-            mode,
-            templates_per_scene: 10,
-            ..Default::default()
-        };
-        let templates = h
-            .run::<Scene>(&scene_params, &[("seed", &data)], 3, &schema)
-            .unwrap();
+        let scene_params = SceneParams { mode, templates_per_scene: 10, ..Default::default() };
+        let templates = h.run::<Scene>(&scene_params, &[("seed", &data)], 3, &schema).unwrap();
         let inputs = [("templates", templates.as_path()), ("seed", data.as_path())];
         let out = h.run::<Detail>(params, &inputs, seed, &schema).unwrap();
         let text = std::fs::read_to_string(out.join("records.jsonl")).unwrap();
-        (
-            text,
-            crate::corpus::read_records(&out.join("records.jsonl")).unwrap(),
-        )
+        (text, crate::corpus::read_records(&out.join("records.jsonl")).unwrap())
     }
 
     fn params(count: usize) -> DetailParams {
-        DetailParams {
-            count,
-            ..Default::default()
-        }
+        DetailParams { count, ..Default::default() }
     }
 
     #[test]
@@ -216,10 +187,7 @@ mod tests {
         let (_, records) = generate(&h, Mode::Hierarchical, &params(500), 2);
         let seed = tiny_seed();
         for r in &records {
-            let part = r
-                .attributes
-                .get("time_of_day")
-                .and_then(|v| DayPart::parse(v));
+            let part = r.attributes.get("time_of_day").and_then(|v| DayPart::parse(v));
             for e in &r.entities {
                 let value = e.value.as_deref().unwrap();
                 match SlotClass::of(&e.kind) {
@@ -235,9 +203,7 @@ mod tests {
                     }
                     SlotClass::Vehicle => assert!(
                         seed.iter().any(|s| s.scene == r.scene
-                            && s.entities
-                                .iter()
-                                .any(|se| se.value.as_deref() == Some(value))),
+                            && s.entities.iter().any(|se| se.value.as_deref() == Some(value))),
                         "{value} in {}",
                         r.scene
                     ),
@@ -248,12 +214,7 @@ mod tests {
             if let Some(part) = part {
                 for other in DayPart::ALL.iter().filter(|p| **p != part) {
                     let word = format!(" {} ", other.name());
-                    assert!(
-                        !lower.contains(&word),
-                        "{} with {part:?}: {}",
-                        other.name(),
-                        r.text
-                    );
+                    assert!(!lower.contains(&word), "{} with {part:?}: {}", other.name(), r.text);
                 }
             }
         }
@@ -270,11 +231,7 @@ mod tests {
         assert_ne!(a, c);
         assert_ne!(a, flat);
         assert_spans_slice(&flat_records);
-        assert!(
-            flat_records
-                .iter()
-                .all(|r| r.provenance.as_ref().unwrap().mode == "flat")
-        );
+        assert!(flat_records.iter().all(|r| r.provenance.as_ref().unwrap().mode == "flat"));
     }
 
     #[test]
@@ -292,22 +249,13 @@ mod tests {
             by
         };
         let (_, exact) = generate(&h, Mode::Hierarchical, &params(2000), 9);
-        let private = DetailParams {
-            dp_epsilon: Some(1.0),
-            dp_threshold: 0.5,
-            ..params(2000)
-        };
+        let private = DetailParams { dp_epsilon: Some(1.0), dp_threshold: 0.5, ..params(2000) };
         let (_, noisy) = generate(&h, Mode::Hierarchical, &private, 9);
         assert_spans_slice(&noisy);
         assert_ne!(count(&exact), count(&noisy));
         let (exact, noisy) = (count(&exact), count(&noisy));
         assert_ne!(exact, noisy);
-        assert!(
-            noisy.len() < exact.len(),
-            "rare values drop: {} vs {}",
-            noisy.len(),
-            exact.len()
-        );
+        assert!(noisy.len() < exact.len(), "rare values drop: {} vs {}", noisy.len(), exact.len());
     }
 
     #[test]
@@ -323,32 +271,14 @@ mod tests {
         let (_, records) = generate(&h, Mode::Hierarchical, &pinned, 4);
         for r in &records {
             assert_eq!(r.attributes["severity"], "low");
-            assert!(
-                r.entities
-                    .iter()
-                    .all(|e| SlotClass::of(&e.kind) != SlotClass::Fatalities)
-            );
+            assert!(r.entities.iter().all(|e| SlotClass::of(&e.kind) != SlotClass::Fatalities));
         }
     }
 
     #[test]
     fn params_are_range_checked() {
-        assert!(
-            DetailParams {
-                dp_epsilon: Some(0.0),
-                ..params(1)
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            DetailParams {
-                count: 0,
-                ..params(1)
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(DetailParams { dp_epsilon: Some(0.0), ..params(1) }.validate().is_err());
+        assert!(DetailParams { count: 0, ..params(1) }.validate().is_err());
         assert!(params(1).validate().is_ok());
     }
 }

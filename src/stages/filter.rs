@@ -27,30 +27,21 @@ pub struct FilterParams {
 
 impl Default for FilterParams {
     fn default() -> Self {
-        Self {
-            near_duplicate_threshold: 0.9,
-            shingle_words: 3,
-            max_copied_ngram: 20,
-        }
+        Self { near_duplicate_threshold: 0.9, shingle_words: 3, max_copied_ngram: 20 }
     }
 }
 
 impl Validate for FilterParams {
     fn validate(&self) -> Result<(), ParamError> {
         if !(self.near_duplicate_threshold > 0.0 && self.near_duplicate_threshold <= 1.0) {
-            return Err(ParamError::new(
-                "near_duplicate_threshold",
-                "must be in (0, 1]",
-            ));
+            return Err(ParamError::new("near_duplicate_threshold", "must be in (0, 1]"));
         }
         if !(1..=10).contains(&self.shingle_words) {
             return Err(ParamError::new("shingle_words", "must be between 1 and 10"));
         }
         if self.max_copied_ngram != 0 && !(4..=1000).contains(&self.max_copied_ngram) {
-            return Err(
-                ParamError::new("max_copied_ngram", "must be 0 or between 4 and 1000")
-                    .with_help("short n-grams are shared by any two reports on the same topic"),
-            );
+            return Err(ParamError::new("max_copied_ngram", "must be 0 or between 4 and 1000")
+                .with_help("short n-grams are shared by any two reports on the same topic"));
         }
         Ok(())
     }
@@ -66,16 +57,8 @@ impl Stage for Filter {
         provenance), drops records that copy long word runs from the seed or nearly duplicate a \
         kept record, and reports drop reasons, diversity and template usage.";
     const INPUTS: &'static [InputSpec] = &[
-        InputSpec {
-            name: "records",
-            required: true,
-            doc: "Output of a `detail` stage.",
-        },
-        InputSpec {
-            name: "seed",
-            required: true,
-            doc: "Output of the `seed` stage.",
-        },
+        InputSpec { name: "records", required: true, doc: "Output of a `detail` stage." },
+        InputSpec { name: "seed", required: true, doc: "Output of the `seed` stage." },
     ];
     const OUTPUTS: &'static [&'static str] = &["corpus.jsonl", "dropped.jsonl", "report.json"];
 
@@ -115,29 +98,17 @@ mod tests {
         let schema = tiny_schema();
         let seed_out = h.run::<Seed>(&SeedParams::default(), &[("data", data)], seed, &schema);
         let seed_out = seed_out.unwrap();
-        let scene_params = SceneParams {
-            mode,
-            ..Default::default()
-        };
+        let scene_params = SceneParams { mode, ..Default::default() };
         let templates = h.run::<Scene>(&scene_params, &[("seed", &seed_out)], seed, &schema);
         let records = h.run::<Detail>(
-            &DetailParams {
-                count,
-                ..Default::default()
-            },
+            &DetailParams { count, ..Default::default() },
             &[("templates", &templates.unwrap()), ("seed", &seed_out)],
             seed,
             &schema,
         );
         let inputs = [("records", records.unwrap()), ("seed", seed_out)];
         let inputs: Vec<(&str, &Path)> = inputs.iter().map(|(k, p)| (*k, p.as_path())).collect();
-        h.run::<Filter>(
-            &FilterParams::default(),
-            &inputs,
-            seed,
-            &EntitySchema::default(),
-        )
-        .unwrap()
+        h.run::<Filter>(&FilterParams::default(), &inputs, seed, &EntitySchema::default()).unwrap()
     }
 
     fn report(out: &Path) -> serde_json::Value {
@@ -180,9 +151,7 @@ mod tests {
         let mut good = seed[3].clone();
         good.id = "g".into();
         good.synthetic = true;
-        good.text = good
-            .text
-            .replace("This evening", "This evening, as reported,");
+        good.text = good.text.replace("This evening", "This evening, as reported,");
         good.entities = crate::synth::testkit::report(
             "g",
             "collision",
@@ -202,30 +171,17 @@ mod tests {
         twin.id = "twin".into();
         let mut late = good.clone();
         late.id = "late".into();
-        late.attributes
-            .insert("time_of_day".into(), "morning".into());
-        let config = FilterConfig {
-            max_copied_ngram: 0,
-            ..params()
-        };
+        late.attributes.insert("time_of_day".into(), "morning".into());
+        let config = FilterConfig { max_copied_ngram: 0, ..params() };
         let outcome = crate::synth::filter::filter(vec![good, twin, late], &seed, &config);
-        let reasons: Vec<(&str, &str)> = outcome
-            .dropped
-            .iter()
-            .map(|d| (d.id.as_str(), d.reason))
-            .collect();
-        assert_eq!(
-            reasons,
-            [("twin", "near_duplicate"), ("late", "time_mismatch")]
-        );
+        let reasons: Vec<(&str, &str)> =
+            outcome.dropped.iter().map(|d| (d.id.as_str(), d.reason)).collect();
+        assert_eq!(reasons, [("twin", "near_duplicate"), ("late", "time_mismatch")]);
 
         let copied = crate::synth::filter::filter(
             vec![outcome.kept[0].clone()],
             &seed,
-            &FilterConfig {
-                max_copied_ngram: 8,
-                ..params()
-            },
+            &FilterConfig { max_copied_ngram: 8, ..params() },
         );
         assert_eq!(copied.dropped[0].reason, "copied_ngram");
     }
@@ -260,10 +216,7 @@ mod tests {
         let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
         assert_eq!(stats["mode"], "hierarchical");
         for (scene, figures) in stats["scenes"].as_object().unwrap() {
-            eprintln!(
-                "{scene}: {} templates, roles {}",
-                figures["templates"], figures["roles"]
-            );
+            eprintln!("{scene}: {} templates, roles {}", figures["templates"], figures["roles"]);
         }
     }
 
@@ -274,12 +227,7 @@ mod tests {
         let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/seed.jsonl");
         let seed: Vec<Record> = if data.exists() {
             let h = Harness::new();
-            let out = h.run::<Seed>(
-                &SeedParams::default(),
-                &[("data", &data)],
-                1,
-                &tiny_schema(),
-            );
+            let out = h.run::<Seed>(&SeedParams::default(), &[("data", &data)], 1, &tiny_schema());
             crate::corpus::read_records(&out.unwrap().join("records.jsonl")).unwrap()
         } else {
             tiny_seed()

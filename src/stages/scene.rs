@@ -25,21 +25,14 @@ pub struct SceneParams {
 
 impl Default for SceneParams {
     fn default() -> Self {
-        Self {
-            mode: Mode::Hierarchical,
-            templates_per_scene: 40,
-            backend: Backend::Template,
-        }
+        Self { mode: Mode::Hierarchical, templates_per_scene: 40, backend: Backend::Template }
     }
 }
 
 impl Validate for SceneParams {
     fn validate(&self) -> Result<(), ParamError> {
         if !(1..=100_000).contains(&self.templates_per_scene) {
-            return Err(ParamError::new(
-                "templates_per_scene",
-                "must be between 1 and 100000",
-            ));
+            return Err(ParamError::new("templates_per_scene", "must be between 1 and 100000"));
         }
         Ok(())
     }
@@ -54,11 +47,8 @@ impl Stage for Scene {
         slots, learns per scene category a chain of sentence roles and a pool of sentences per \
         role, and samples distinct coarse templates from them (or, in flat mode, from all \
         sentences pooled). Each template records its slots and the seed reports it came from.";
-    const INPUTS: &'static [InputSpec] = &[InputSpec {
-        name: "seed",
-        required: true,
-        doc: "Output of a `seed` stage.",
-    }];
+    const INPUTS: &'static [InputSpec] =
+        &[InputSpec { name: "seed", required: true, doc: "Output of a `seed` stage." }];
     const OUTPUTS: &'static [&'static str] = &["templates.jsonl", "stats.json"];
 
     fn run(params: &SceneParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -83,11 +73,7 @@ mod tests {
 
     fn templates(h: &Harness, mode: Mode, seed: u64) -> (String, Vec<Template>) {
         let data = h.write_records("seed.jsonl", &tiny_seed());
-        let params = SceneParams {
-            mode,
-            templates_per_scene: 10,
-            ..Default::default()
-        };
+        let params = SceneParams { mode, templates_per_scene: 10, ..Default::default() };
         let out = h.run::<Scene>(&params, &[("seed", &data)], seed, &EntitySchema::default());
         let path = out.unwrap().join("templates.jsonl");
         let text = std::fs::read_to_string(&path).unwrap();
@@ -111,21 +97,10 @@ mod tests {
         for template in &templates {
             let scene = template.scene.as_deref().unwrap();
             assert_eq!(template.roles[0], "opening");
-            assert!(
-                template
-                    .seed_ids
-                    .iter()
-                    .all(|id| id.starts_with(&scene[..1])),
-                "{template:?}"
-            );
+            assert!(template.seed_ids.iter().all(|id| id.starts_with(&scene[..1])), "{template:?}");
             for piece in parse(&template.text).unwrap() {
                 if let Piece::Slot { kind, index } = piece {
-                    assert!(
-                        template
-                            .slots
-                            .iter()
-                            .any(|s| s.kind == kind && s.index == index)
-                    );
+                    assert!(template.slots.iter().any(|s| s.kind == kind && s.index == index));
                 }
             }
         }
@@ -141,11 +116,7 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_ne!(a, flat);
-        assert!(
-            flat_templates
-                .iter()
-                .all(|t| t.scene.is_none() && t.mode == Mode::Flat)
-        );
+        assert!(flat_templates.iter().all(|t| t.scene.is_none() && t.mode == Mode::Flat));
         let mixed = flat_templates.iter().filter(|t| {
             let scenes: std::collections::BTreeSet<_> =
                 t.seed_ids.iter().map(|s| &s[..1]).collect();

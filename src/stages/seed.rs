@@ -38,11 +38,7 @@ pub struct SeedParams {
 
 impl Default for SeedParams {
     fn default() -> Self {
-        Self {
-            format: SeedFormat::Jsonl,
-            limit: None,
-            share: 1.0,
-        }
+        Self { format: SeedFormat::Jsonl, limit: None, share: 1.0 }
     }
 }
 
@@ -89,12 +85,7 @@ impl Stage for Seed {
         let mut ids = BTreeSet::new();
         for file in &files {
             read(file, ctx.schema, &mut records, &mut ids, &mut stats, limit)?;
-            stats.files.push(
-                file.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            stats.files.push(file.file_name().unwrap_or_default().to_string_lossy().into_owned());
             progress.inc(1);
         }
         if records.is_empty() {
@@ -140,11 +131,7 @@ mod tests {
         let path = h.path().join("seed.jsonl");
         std::fs::write(&path, lines.join("\n")).unwrap();
         match run(&h, &SeedParams::default(), &path) {
-            Err(StageError::Data {
-                file,
-                line,
-                message,
-            }) => {
+            Err(StageError::Data { file, line, message }) => {
                 assert_eq!(file, path);
                 (line, message)
             }
@@ -175,24 +162,15 @@ mod tests {
             )
         };
         let cases = [
-            (
-                bad(r#"[{"type": "time", "start": 8, "end": 30}]"#),
-                "past the end of the text",
-            ),
-            (
-                bad(r#"[{"type": "time", "start": 9, "end": 9}]"#),
-                "start must be below end",
-            ),
+            (bad(r#"[{"type": "time", "start": 8, "end": 30}]"#), "past the end of the text"),
+            (bad(r#"[{"type": "time", "start": 9, "end": 9}]"#), "start must be below end"),
             (
                 bad(
                     r#"[{"type": "time", "start": 8, "end": 13}, {"type": "time", "start": 10, "end": 14}]"#,
                 ),
                 "entity 1 and entity 2 overlap",
             ),
-            (
-                bad(r#"[{"type": "colour", "start": 0, "end": 4}]"#),
-                "not in the recipe schema",
-            ),
+            (bad(r#"[{"type": "colour", "start": 0, "end": 4}]"#), "not in the recipe schema"),
             (
                 bad(r#"[{"type": "time", "start": 8, "end": 13, "value": "22:41"}]"#),
                 "does not match the text `22:40`",
@@ -210,31 +188,14 @@ mod tests {
         let h = Harness::new();
         let path = h.path().join("seed.jsonl");
         std::fs::write(&path, vec![GOOD; 40].join("\n")).unwrap();
-        let limited = run(
-            &h,
-            &SeedParams {
-                limit: Some(30),
-                ..Default::default()
-            },
-            &path,
-        )
-        .unwrap();
+        let limited =
+            run(&h, &SeedParams { limit: Some(30), ..Default::default() }, &path).unwrap();
         assert_eq!(limited.len(), 30);
-        let params = SeedParams {
-            share: 0.1,
-            ..Default::default()
-        };
+        let params = SeedParams { share: 0.1, ..Default::default() };
         let a = run(&h, &params, &path).unwrap();
         assert_eq!(a.len(), 4);
         assert_eq!(a, run(&h, &params, &path).unwrap());
-        assert!(
-            SeedParams {
-                share: 0.0,
-                ..Default::default()
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(SeedParams { share: 0.0, ..Default::default() }.validate().is_err());
     }
 
     #[test]
@@ -244,29 +205,14 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         let tweet = r#"{"tweet_id": "1", "text": "Floods in Chico and Paradise, Cal", "humAID_class": "caution_and_advice", "location_mentions": [{"text": "Chico", "type": "City/town", "start_offset": 10, "end_offset": 15}, {"text": "Paradise", "type": "City/town", "start_offset": 2, "end_offset": 10}, {"text": "Oroville", "type": "City/town", "start_offset": 0, "end_offset": 8}]}"#;
         std::fs::write(dir.join("b_fire_2018_dev.jsonl"), tweet).unwrap();
-        std::fs::write(
-            dir.join("a_fire_2018_train.jsonl"),
-            tweet.replace("\"1\"", "\"2\""),
-        )
-        .unwrap();
-        let params = SeedParams {
-            format: SeedFormat::Idrisi,
-            ..Default::default()
-        };
-        let out = h
-            .run::<Seed>(&params, &[("data", &dir)], 1, &EntitySchema::default())
+        std::fs::write(dir.join("a_fire_2018_train.jsonl"), tweet.replace("\"1\"", "\"2\""))
             .unwrap();
+        let params = SeedParams { format: SeedFormat::Idrisi, ..Default::default() };
+        let out = h.run::<Seed>(&params, &[("data", &dir)], 1, &EntitySchema::default()).unwrap();
         let records = read_records(&out.join("records.jsonl")).unwrap();
-        assert_eq!(
-            records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            ["2", "1"]
-        );
+        assert_eq!(records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["2", "1"]);
         assert_eq!(records[0].attributes["event"], "a_fire_2018");
-        let values: Vec<_> = records[0]
-            .entities
-            .iter()
-            .map(|e| e.value.clone().unwrap())
-            .collect();
+        let values: Vec<_> = records[0].entities.iter().map(|e| e.value.clone().unwrap()).collect();
         assert_eq!(values, ["Chico", "Paradise"]);
         let stats: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap())
@@ -288,27 +234,16 @@ mod tests {
             \"Driving in Arizona to the Tweedy Complex, the chase truck met an engine. AZ crews helped.\"\n\
             \"2\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\",\"\"\n";
         std::fs::write(&path, csv).unwrap();
-        let params = SeedParams {
-            format: SeedFormat::Safenet,
-            ..Default::default()
-        };
-        let out = h
-            .run::<Seed>(&params, &[("data", &path)], 1, &EntitySchema::default())
-            .unwrap();
+        let params = SeedParams { format: SeedFormat::Safenet, ..Default::default() };
+        let out = h.run::<Seed>(&params, &[("data", &path)], 1, &EntitySchema::default()).unwrap();
         let records = read_records(&out.join("records.jsonl")).unwrap();
         assert_eq!(records.len(), 1);
         let r = &records[0];
-        assert_eq!(
-            (r.id.as_str(), r.scene.as_str()),
-            ("ABC", "transport_to_from")
-        );
+        assert_eq!((r.id.as_str(), r.scene.as_str()), ("ABC", "transport_to_from"));
         assert_eq!(r.attributes["state"], "AZ");
         assert_eq!(r.attributes["year"], "2005");
-        let found: Vec<(&str, &str)> = r
-            .entities
-            .iter()
-            .map(|e| (e.kind.as_str(), e.value.as_deref().unwrap()))
-            .collect();
+        let found: Vec<(&str, &str)> =
+            r.entities.iter().map(|e| (e.kind.as_str(), e.value.as_deref().unwrap())).collect();
         assert_eq!(
             found,
             [
@@ -330,26 +265,13 @@ mod tests {
             return;
         }
         let h = Harness::new();
-        for (format, dir) in [
-            (SeedFormat::Idrisi, "idrisi"),
-            (SeedFormat::Safenet, "safenet"),
-        ] {
-            let params = SeedParams {
-                format,
-                ..Default::default()
-            };
-            let out = h.run::<Seed>(
-                &params,
-                &[("data", &root.join(dir))],
-                1,
-                &EntitySchema::default(),
-            );
+        for (format, dir) in [(SeedFormat::Idrisi, "idrisi"), (SeedFormat::Safenet, "safenet")] {
+            let params = SeedParams { format, ..Default::default() };
+            let out =
+                h.run::<Seed>(&params, &[("data", &root.join(dir))], 1, &EntitySchema::default());
             let records = read_records(&out.unwrap().join("records.jsonl")).unwrap();
             assert!(records.len() > 1000, "{dir}: {}", records.len());
-            assert!(
-                records.iter().filter(|r| !r.entities.is_empty()).count() > 500,
-                "{dir}"
-            );
+            assert!(records.iter().filter(|r| !r.entities.is_empty()).count() > 500, "{dir}");
             assert_spans_slice(&records);
         }
     }

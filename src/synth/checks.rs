@@ -52,10 +52,7 @@ impl SeedFacts {
                 }
                 let value = entity.value.as_deref().or_else(|| record.span_text(entity));
                 if let Some(value) = value {
-                    vehicles
-                        .entry(record.scene.clone())
-                        .or_default()
-                        .insert(value.to_lowercase());
+                    vehicles.entry(record.scene.clone()).or_default().insert(value.to_lowercase());
                 }
             }
         }
@@ -91,10 +88,7 @@ fn check_spans(record: &Record, index: &CharIndex) -> Result<(), Violation> {
     let mut previous_end = 0;
     for entity in spans {
         let Some(slice) = index.slice(&record.text, entity.start, entity.end) else {
-            return violation(
-                "span_mismatch",
-                format!("{} span out of range", entity.kind),
-            );
+            return violation("span_mismatch", format!("{} span out of range", entity.kind));
         };
         if entity.start >= entity.end || entity.start < previous_end {
             return violation(
@@ -103,10 +97,7 @@ fn check_spans(record: &Record, index: &CharIndex) -> Result<(), Violation> {
             );
         }
         if entity.value.as_deref() != Some(slice) {
-            return violation(
-                "span_mismatch",
-                format!("{} span reads `{slice}`", entity.kind),
-            );
+            return violation("span_mismatch", format!("{} span reads `{slice}`", entity.kind));
         }
         previous_end = entity.end;
     }
@@ -114,10 +105,7 @@ fn check_spans(record: &Record, index: &CharIndex) -> Result<(), Violation> {
 }
 
 fn check_counts(record: &Record) -> Result<(), Violation> {
-    let severity = record
-        .attributes
-        .get("severity")
-        .and_then(|s| Severity::parse(s));
+    let severity = record.attributes.get("severity").and_then(|s| Severity::parse(s));
     let lower = record.text.to_lowercase();
     for entity in &record.entities {
         let class = SlotClass::of(&entity.kind);
@@ -131,10 +119,7 @@ fn check_counts(record: &Record) -> Result<(), Violation> {
             continue;
         }
         if class == SlotClass::Fatalities && severity.is_some_and(|s| s != Severity::High) {
-            return violation(
-                "fatality_severity",
-                format!("{n} fatalities, severity not high"),
-            );
+            return violation("fatality_severity", format!("{n} fatalities, severity not high"));
         }
         let limit = match severity {
             Some(Severity::Low) => 2,
@@ -142,16 +127,10 @@ fn check_counts(record: &Record) -> Result<(), Violation> {
             _ => u32::MAX,
         };
         if class == SlotClass::Injured && n > limit {
-            return violation(
-                "injured_severity",
-                format!("{n} injured at {severity:?} severity"),
-            );
+            return violation("injured_severity", format!("{n} injured at {severity:?} severity"));
         }
-        let phrases = if class == SlotClass::Injured {
-            NO_INJURY_PHRASES
-        } else {
-            NO_FATALITY_PHRASES
-        };
+        let phrases =
+            if class == SlotClass::Injured { NO_INJURY_PHRASES } else { NO_FATALITY_PHRASES };
         if let Some(phrase) = phrases.iter().find(|p| lower.contains(*p)) {
             return violation(
                 "injury_contradiction",
@@ -171,11 +150,7 @@ fn check_times(record: &Record, index: &CharIndex) -> Result<(), Violation> {
         .map(DayPart::of_minute)
         .collect();
     let words = time_words_outside_spans(record, index);
-    match record
-        .attributes
-        .get("time_of_day")
-        .and_then(|v| DayPart::parse(v))
-    {
+    match record.attributes.get("time_of_day").and_then(|v| DayPart::parse(v)) {
         Some(part) => {
             if let Some(clock) = clocks.iter().find(|c| **c != part) {
                 return violation(
@@ -208,10 +183,7 @@ fn time_words_outside_spans(record: &Record, index: &CharIndex) -> Vec<(String, 
     let text = &record.text;
     let mut words = Vec::new();
     let mut start = None;
-    for (at, c) in text
-        .char_indices()
-        .chain(std::iter::once((text.len(), ' ')))
-    {
+    for (at, c) in text.char_indices().chain(std::iter::once((text.len(), ' '))) {
         if c.is_alphabetic() {
             start.get_or_insert(at);
             continue;
@@ -253,12 +225,7 @@ mod tests {
                 let byte = text.find(value).unwrap();
                 let start = text[..byte].chars().count();
                 let end = start + value.chars().count();
-                Entity {
-                    kind: kind.to_string(),
-                    start,
-                    end,
-                    value: Some(value.to_string()),
-                }
+                Entity { kind: kind.to_string(), start, end, value: Some(value.to_string()) }
             })
             .collect();
         Record {
@@ -266,10 +233,7 @@ mod tests {
             text: text.into(),
             scene: "collision".into(),
             entities,
-            attributes: attributes
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             synthetic: true,
             provenance: Some(Provenance {
                 generator: "test".into(),
@@ -283,9 +247,7 @@ mod tests {
 
     fn reason(record: &Record) -> Option<&'static str> {
         let seed = [record_seed()];
-        check(record, &SeedFacts::learn(&seed))
-            .err()
-            .map(|v| v.reason)
+        check(record, &SeedFacts::learn(&seed)).err().map(|v| v.reason)
     }
 
     fn record_seed() -> Record {
@@ -308,17 +270,9 @@ mod tests {
     fn each_rule_fires() {
         let time = record("At 22:10 this morning.", &[("time", "22:10")], &[]);
         assert_eq!(reason(&time), Some("time_mismatch"));
-        let attr = record(
-            "At 08:10.",
-            &[("time", "08:10")],
-            &[("time_of_day", "night")],
-        );
+        let attr = record("At 08:10.", &[("time", "08:10")], &[("time_of_day", "night")]);
         assert_eq!(reason(&attr), Some("time_mismatch"));
-        let fatal = record(
-            "One person died.",
-            &[("fatalities", "One")],
-            &[("severity", "low")],
-        );
+        let fatal = record("One person died.", &[("fatalities", "One")], &[("severity", "low")]);
         assert_eq!(reason(&fatal), Some("fatality_severity"));
         let many = record("9 hurt.", &[("injured", "9")], &[("severity", "low")]);
         assert_eq!(reason(&many), Some("injured_severity"));

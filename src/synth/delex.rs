@@ -68,17 +68,11 @@ pub fn delexicalise(record: &Record) -> DelexReport {
         shapes
             .entry((entity.kind.clone(), slot))
             .or_insert_with(|| shape_of(SlotClass::of(&entity.kind), value, district));
-        pieces.push(Piece::Slot {
-            kind: entity.kind.clone(),
-            index: slot,
-        });
+        pieces.push(Piece::Slot { kind: entity.kind.clone(), index: slot });
         at = end;
     }
     push_text(&mut pieces, &record.text[at..]);
-    DelexReport {
-        sentences: split_sentences(pieces),
-        shapes,
-    }
+    DelexReport { sentences: split_sentences(pieces), shapes }
 }
 
 fn push_text(pieces: &mut Vec<Piece>, text: &str) {
@@ -219,9 +213,7 @@ pub fn shape_of(class: SlotClass, value: &str, district: Option<&str>) -> Shape 
         },
         SlotClass::Time => clock_shape(value).unwrap_or(Shape::Plain),
         SlotClass::Location => location_shape(value, district),
-        SlotClass::Plate => Shape::Pattern {
-            pattern: plate_pattern(value),
-        },
+        SlotClass::Plate => Shape::Pattern { pattern: plate_pattern(value) },
         SlotClass::Vehicle | SlotClass::Categorical => Shape::Plain,
     }
 }
@@ -240,23 +232,16 @@ fn clock_shape(value: &str) -> Option<Shape> {
     } else {
         ClockStyle::H12
     };
-    Some(Shape::Clock {
-        style,
-        suffix: suffix.to_string(),
-    })
+    Some(Shape::Clock { style, suffix: suffix.to_string() })
 }
 
 fn location_shape(value: &str, district: Option<&str>) -> Shape {
     let has_district = district.is_some_and(|d| !d.is_empty() && value.ends_with(d));
     let lower = value.to_ascii_lowercase();
     if value.starts_with(|c: char| c.is_ascii_digit()) && value.contains(' ') {
-        Shape::Address {
-            district: has_district,
-        }
+        Shape::Address { district: has_district }
     } else if lower.contains(" and ") || lower.contains(" & ") {
-        Shape::Intersection {
-            district: has_district,
-        }
+        Shape::Intersection { district: has_district }
     } else {
         Shape::Plain
     }
@@ -281,12 +266,7 @@ mod tests {
     fn entity(kind: &str, text: &str, value: &str, nth: usize) -> Entity {
         let byte = text.match_indices(value).nth(nth).unwrap().0;
         let start = text[..byte].chars().count();
-        Entity {
-            kind: kind.into(),
-            start,
-            end: start + value.chars().count(),
-            value: None,
-        }
+        Entity { kind: kind.into(), start, end: start + value.chars().count(), value: None }
     }
 
     #[test]
@@ -309,11 +289,8 @@ mod tests {
             provenance: None,
         };
         let report = delexicalise(&record);
-        let texts: Vec<String> = report
-            .sentences
-            .iter()
-            .map(|s| crate::synth::template::render(&s.pieces))
-            .collect();
+        let texts: Vec<String> =
+            report.sentences.iter().map(|s| crate::synth::template::render(&s.pieces)).collect();
         assert_eq!(
             texts,
             [
@@ -327,28 +304,18 @@ mod tests {
         assert_eq!(roles, ["opening", "subject", "casualty", "closing"]);
         assert_eq!(
             report.shapes[&("injured".to_string(), 1)],
-            Shape::Count {
-                words: true,
-                plural: true
-            }
+            Shape::Count { words: true, plural: true }
         );
         assert_eq!(
             report.shapes[&("time".to_string(), 1)],
-            Shape::Clock {
-                style: ClockStyle::H24,
-                suffix: String::new()
-            }
+            Shape::Clock { style: ClockStyle::H24, suffix: String::new() }
         );
     }
 
     #[test]
     fn shapes_read_values() {
         assert_eq!(
-            shape_of(
-                SlotClass::Location,
-                "1200 Oak St, Eastside",
-                Some("Eastside")
-            ),
+            shape_of(SlotClass::Location, "1200 Oak St, Eastside", Some("Eastside")),
             Shape::Address { district: true }
         );
         assert_eq!(
@@ -357,23 +324,15 @@ mod tests {
         );
         assert_eq!(
             shape_of(SlotClass::Plate, "7ABC-123", None),
-            Shape::Pattern {
-                pattern: "9AAA-999".into()
-            }
+            Shape::Pattern { pattern: "9AAA-999".into() }
         );
         assert_eq!(
             shape_of(SlotClass::Time, "2:35 PM", None),
-            Shape::Clock {
-                style: ClockStyle::H12,
-                suffix: " PM".into()
-            }
+            Shape::Clock { style: ClockStyle::H12, suffix: " PM".into() }
         );
         assert_eq!(
             shape_of(SlotClass::Time, "0640 hours", None),
-            Shape::Clock {
-                style: ClockStyle::Compact,
-                suffix: " hours".into()
-            }
+            Shape::Clock { style: ClockStyle::Compact, suffix: " hours".into() }
         );
     }
 }

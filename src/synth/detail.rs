@@ -83,19 +83,9 @@ enum Part {
 }
 
 enum Source {
-    Clock {
-        style: ClockStyle,
-        suffix: String,
-    },
-    Count {
-        fatal: bool,
-        words: bool,
-        plural: bool,
-    },
-    Street {
-        intersection: bool,
-        district: bool,
-    },
+    Clock { style: ClockStyle, suffix: String },
+    Count { fatal: bool, words: bool, plural: bool },
+    Street { intersection: bool, district: bool },
     Pattern(String),
     Values(usize),
 }
@@ -130,10 +120,8 @@ impl Generator {
         config: DetailConfig,
         rng_seed: u64,
     ) -> Result<Self, DetailError> {
-        let mut releaser = Releaser::new(
-            config.privacy,
-            ChaCha8Rng::seed_from_u64(rng_seed ^ 0xd1ff_5eed),
-        );
+        let mut releaser =
+            Releaser::new(config.privacy, ChaCha8Rng::seed_from_u64(rng_seed ^ 0xd1ff_5eed));
         let model = Model::learn(seed, &mut releaser);
         let mut compiled = Vec::new();
         for (at, template) in templates.iter().enumerate() {
@@ -157,13 +145,7 @@ impl Generator {
                 scene_count
             )));
         }
-        Ok(Self {
-            templates,
-            compiled,
-            by_scene,
-            model,
-            config,
-        })
+        Ok(Self { templates, compiled, by_scene, model, config })
     }
 
     /// Number of templates that can be filled.
@@ -187,10 +169,8 @@ impl Generator {
         let mut attributes =
             self.draw_attributes(rng, if conditioned { scene } else { usize::MAX });
         let day_part = self.condition(rng, compiled, &mut attributes);
-        let severity = attributes
-            .get("severity")
-            .and_then(|s| Severity::parse(s))
-            .filter(|_| conditioned);
+        let severity =
+            attributes.get("severity").and_then(|s| Severity::parse(s)).filter(|_| conditioned);
         let values: Vec<String> = compiled
             .sources
             .iter()
@@ -255,9 +235,7 @@ impl Generator {
         if compiled.has_fatalities {
             attributes.insert("severity".to_string(), self.model.high_label.clone());
         }
-        let part = attributes
-            .get("time_of_day")
-            .and_then(|v| DayPart::parse(v));
+        let part = attributes.get("time_of_day").and_then(|v| DayPart::parse(v));
         if part.is_some() || !compiled.has_time {
             return part;
         }
@@ -276,21 +254,14 @@ impl Generator {
     ) -> String {
         match source {
             Source::Clock { style, suffix } => clock(rng, day_part, *style, suffix),
-            Source::Count {
-                fatal,
-                words,
-                plural,
-            } => {
+            Source::Count { fatal, words, plural } => {
                 let n = count(rng, *fatal, *plural, severity);
                 match number_word(n).filter(|_| *words) {
                     Some(word) => word.to_string(),
                     None => n.to_string(),
                 }
             }
-            Source::Street {
-                intersection,
-                district,
-            } => {
+            Source::Street { intersection, district } => {
                 let mut place = if *intersection {
                     let a: String = StreetName().fake_with_rng(rng);
                     let b: String = StreetName().fake_with_rng(rng);
@@ -307,10 +278,9 @@ impl Generator {
                 place
             }
             Source::Pattern(pattern) => plate(rng, pattern),
-            Source::Values(histogram) => self.model.histograms[*histogram]
-                .sample(rng)
-                .unwrap_or_default()
-                .to_string(),
+            Source::Values(histogram) => {
+                self.model.histograms[*histogram].sample(rng).unwrap_or_default().to_string()
+            }
         }
     }
 }
@@ -325,9 +295,7 @@ impl Model {
             *scene_counts.entry(record.scene.clone()).or_default() += 1;
             for scene in [record.scene.as_str(), POOLED] {
                 for (key, value) in &record.attributes {
-                    let counts = attr_counts
-                        .entry((scene.to_string(), key.clone()))
-                        .or_default();
+                    let counts = attr_counts.entry((scene.to_string(), key.clone())).or_default();
                     count_once(counts, std::iter::once(value.as_str()));
                 }
                 let types: BTreeSet<&str> =
@@ -338,9 +306,8 @@ impl Model {
                         .iter()
                         .filter(|e| e.kind == kind)
                         .filter_map(|e| e.value.as_deref().or_else(|| record.span_text(e)));
-                    let counts = value_counts
-                        .entry((scene.to_string(), kind.to_string()))
-                        .or_default();
+                    let counts =
+                        value_counts.entry((scene.to_string(), kind.to_string())).or_default();
                     count_once(counts, values);
                 }
             }
@@ -381,10 +348,7 @@ impl Model {
         if scene.is_empty() {
             return Some(self.scenes.keys().len());
         }
-        self.scenes
-            .keys()
-            .binary_search_by(|k| k.as_str().cmp(scene))
-            .ok()
+        self.scenes.keys().binary_search_by(|k| k.as_str().cmp(scene)).ok()
     }
 
     fn pooled(&self) -> usize {
@@ -397,10 +361,7 @@ fn high_label(attr_counts: &BTreeMap<(String, String), BTreeMap<String, u64>>) -
     attr_counts
         .get(&(String::new(), "severity".to_string()))
         .and_then(|counts| {
-            counts
-                .keys()
-                .find(|v| Severity::parse(v) == Some(Severity::High))
-                .cloned()
+            counts.keys().find(|v| Severity::parse(v) == Some(Severity::High)).cloned()
         })
         .unwrap_or_else(|| "high".to_string())
 }
@@ -413,10 +374,7 @@ fn compile(
     model: &Model,
     config: &DetailConfig,
 ) -> Result<Option<Compiled>, DetailError> {
-    let bad = |message: String| DetailError::BadTemplate {
-        id: template.id.clone(),
-        message,
-    };
+    let bad = |message: String| DetailError::BadTemplate { id: template.id.clone(), message };
     let scene = match (&template.scene, template.mode) {
         (Some(name), Mode::Hierarchical) => match model.slot(name) {
             Some(slot) if slot < model.pooled() => Some(slot),
@@ -434,11 +392,7 @@ fn compile(
         let pooled_ok = class != SlotClass::Vehicle || scene.is_none();
         let histogram = model.values[value_slot]
             .get(&spec.kind)
-            .or_else(|| {
-                model.values[model.pooled()]
-                    .get(&spec.kind)
-                    .filter(|_| pooled_ok)
-            })
+            .or_else(|| model.values[model.pooled()].get(&spec.kind).filter(|_| pooled_ok))
             .copied();
         let Some(source) = source_for(class, &spec.shape, histogram) else {
             return Ok(None);
@@ -446,24 +400,17 @@ fn compile(
         sources.push(source);
         kinds.push(spec.kind.clone());
     }
-    let has_fatalities = template
-        .slots
-        .iter()
-        .any(|s| SlotClass::of(&s.kind) == SlotClass::Fatalities);
-    let pinned_low = config
-        .pinned
-        .get("severity")
-        .is_some_and(|s| Severity::parse(s) != Some(Severity::High));
+    let has_fatalities =
+        template.slots.iter().any(|s| SlotClass::of(&s.kind) == SlotClass::Fatalities);
+    let pinned_low =
+        config.pinned.get("severity").is_some_and(|s| Severity::parse(s) != Some(Severity::High));
     if has_fatalities && pinned_low && template.mode == Mode::Hierarchical {
         return Ok(None);
     }
 
     let pieces = parse(&template.text).map_err(bad)?;
     let parts = compile_parts(&pieces, &template.slots).map_err(bad)?;
-    let has_time = template
-        .slots
-        .iter()
-        .any(|s| SlotClass::of(&s.kind) == SlotClass::Time)
+    let has_time = template.slots.iter().any(|s| SlotClass::of(&s.kind) == SlotClass::Time)
         || parts.iter().any(|p| matches!(p, Part::TimeWord { .. }));
     Ok(Some(Compiled {
         template: at,
@@ -479,23 +426,14 @@ fn compile(
 
 fn source_for(class: SlotClass, shape: &Shape, histogram: Option<usize>) -> Option<Source> {
     Some(match shape {
-        Shape::Clock { style, suffix } => Source::Clock {
-            style: *style,
-            suffix: suffix.clone(),
-        },
-        Shape::Count { words, plural } => Source::Count {
-            fatal: class == SlotClass::Fatalities,
-            words: *words,
-            plural: *plural,
-        },
-        Shape::Address { district } => Source::Street {
-            intersection: false,
-            district: *district,
-        },
-        Shape::Intersection { district } => Source::Street {
-            intersection: true,
-            district: *district,
-        },
+        Shape::Clock { style, suffix } => Source::Clock { style: *style, suffix: suffix.clone() },
+        Shape::Count { words, plural } => {
+            Source::Count { fatal: class == SlotClass::Fatalities, words: *words, plural: *plural }
+        }
+        Shape::Address { district } => Source::Street { intersection: false, district: *district },
+        Shape::Intersection { district } => {
+            Source::Street { intersection: true, district: *district }
+        }
         Shape::Pattern { pattern } => Source::Pattern(pattern.clone()),
         Shape::Plain => Source::Values(histogram?),
     })
@@ -515,10 +453,7 @@ fn compile_parts(
                     .iter()
                     .position(|s| s.kind == *kind && s.index == *index)
                     .ok_or_else(|| format!("slot `{kind}#{index}` is not in `slots`"))?;
-                parts.push(Part::Slot {
-                    slot,
-                    capital: sentence_start,
-                });
+                parts.push(Part::Slot { slot, capital: sentence_start });
                 sentence_start = false;
             }
             Piece::Text(text) => {
@@ -534,10 +469,7 @@ fn compile_parts(
 fn split_time_words(text: &str, parts: &mut Vec<Part>) {
     let mut literal_from = 0;
     let mut word_start = None;
-    for (at, c) in text
-        .char_indices()
-        .chain(std::iter::once((text.len(), ' ')))
-    {
+    for (at, c) in text.char_indices().chain(std::iter::once((text.len(), ' '))) {
         if c.is_alphabetic() {
             word_start.get_or_insert(at);
             continue;
@@ -551,10 +483,7 @@ fn split_time_words(text: &str, parts: &mut Vec<Part>) {
         }
         push_literal(parts, &text[literal_from..start]);
         let capital = word.starts_with(char::is_uppercase);
-        parts.push(Part::TimeWord {
-            original: word.to_lowercase(),
-            capital,
-        });
+        parts.push(Part::TimeWord { original: word.to_lowercase(), capital });
         literal_from = at;
     }
     push_literal(parts, &text[literal_from..]);
@@ -562,10 +491,7 @@ fn split_time_words(text: &str, parts: &mut Vec<Part>) {
 
 fn push_literal(parts: &mut Vec<Part>, text: &str) {
     if !text.is_empty() {
-        parts.push(Part::Text {
-            text: text.to_string(),
-            chars: text.chars().count(),
-        });
+        parts.push(Part::Text { text: text.to_string(), chars: text.chars().count() });
     }
 }
 
@@ -580,19 +506,13 @@ fn assemble(
     let mut entities = Vec::with_capacity(values.len());
     for part in &compiled.parts {
         match part {
-            Part::Text {
-                text: literal,
-                chars: n,
-            } => {
+            Part::Text { text: literal, chars: n } => {
                 text.push_str(literal);
                 chars += n;
             }
             Part::Slot { slot, capital } => {
-                let value = if *capital {
-                    capitalise(&values[*slot])
-                } else {
-                    values[*slot].clone()
-                };
+                let value =
+                    if *capital { capitalise(&values[*slot]) } else { values[*slot].clone() };
                 let start = chars;
                 chars += value.chars().count();
                 text.push_str(&value);
@@ -623,7 +543,7 @@ fn rewrite_time_word(original: &str, part: Option<DayPart>) -> String {
         return original.to_string();
     }
     match original.to_ascii_lowercase().as_str() {
-        "tonight" => format!("this {}", part.name()),
+        "tonight" | "overnight" => format!("this {}", part.name()),
         _ => part.name().to_string(),
     }
 }
@@ -697,4 +617,35 @@ fn plate(rng: &mut ChaCha8Rng, pattern: &str) -> String {
             c => c,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_words_follow_the_day_part() {
+        let evening = Some(DayPart::Evening);
+        assert_eq!(rewrite_time_word("morning", evening), "evening");
+        assert_eq!(rewrite_time_word("overnight", evening), "this evening");
+        assert_eq!(rewrite_time_word("overnight", Some(DayPart::Night)), "overnight");
+        assert_eq!(rewrite_time_word("night", None), "night");
+    }
+
+    #[test]
+    fn clocks_and_plates_keep_their_shape() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..200 {
+            let t = clock(&mut rng, Some(DayPart::Night), ClockStyle::H12, " p.m.");
+            let minute = crate::synth::slot_class::parse_clock(&t).unwrap();
+            assert_eq!(DayPart::of_minute(minute), DayPart::Night, "{t}");
+        }
+        let p = plate(&mut rng, "9AAA-999");
+        assert!(
+            p.len() == 8
+                && p.as_bytes()[4] == b'-'
+                && p[1..4].bytes().all(|b| b.is_ascii_uppercase())
+        );
+        assert_eq!(meridiem(" P.M.", false), " A.M.");
+    }
 }

@@ -71,10 +71,7 @@ pub struct FilterOutcome {
 
 /// Every reason `filter` can give, in the order it checks them.
 pub fn reasons() -> impl Iterator<Item = &'static str> {
-    checks::REASONS
-        .iter()
-        .copied()
-        .chain(["copied_ngram", "near_duplicate"])
+    checks::REASONS.iter().copied().chain(["copied_ngram", "near_duplicate"])
 }
 
 pub fn filter(records: Vec<Record>, seed: &[Record], config: &FilterConfig) -> FilterOutcome {
@@ -103,19 +100,11 @@ pub fn filter(records: Vec<Record>, seed: &[Record], config: &FilterConfig) -> F
             });
         match verdict {
             Ok(()) => kept.push(record),
-            Err((reason, detail)) => dropped.push(Dropped {
-                id: record.id,
-                reason,
-                detail,
-            }),
+            Err((reason, detail)) => dropped.push(Dropped { id: record.id, reason, detail }),
         }
     }
     let report = report(input, &kept, &dropped);
-    FilterOutcome {
-        kept,
-        dropped,
-        report,
-    }
+    FilterOutcome { kept, dropped, report }
 }
 
 /// Lowercase alphanumeric words.
@@ -148,12 +137,7 @@ fn ngram_set(seed: &[Record], n: usize) -> HashSet<u64> {
         return HashSet::new();
     }
     seed.iter()
-        .flat_map(|r| {
-            words(&r.text)
-                .windows(n)
-                .map(ngram_hash)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|r| words(&r.text).windows(n).map(ngram_hash).collect::<Vec<_>>())
         .collect()
 }
 
@@ -180,9 +164,7 @@ fn report(input: usize, kept: &[Record], dropped: &[Dropped]) -> FilterReport {
             *usage.entry(p.template_id.as_str()).or_default() += 1;
         }
     }
-    let most_used = usage
-        .iter()
-        .max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id)));
+    let most_used = usage.iter().max_by_key(|(id, n)| (**n, std::cmp::Reverse(**id)));
     FilterReport {
         input,
         kept: kept.len(),
@@ -212,11 +194,7 @@ pub fn diversity(records: &[Record]) -> Diversity {
         unigrams.extend(words);
     }
     let ratio = |distinct: usize, total: usize| {
-        if total == 0 {
-            0.0
-        } else {
-            round(distinct as f64 / total as f64)
-        }
+        if total == 0 { 0.0 } else { round(distinct as f64 / total as f64) }
     };
     Diversity {
         tokens,

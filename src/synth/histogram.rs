@@ -106,14 +106,11 @@ impl Histogram {
     /// Weight of each key, in key order.
     pub fn weights(&self) -> impl Iterator<Item = (&str, f64)> {
         let mut previous = 0.0;
-        self.keys
-            .iter()
-            .zip(&self.cumulative)
-            .map(move |(key, &c)| {
-                let weight = c - previous;
-                previous = c;
-                (key.as_str(), weight)
-            })
+        self.keys.iter().zip(&self.cumulative).map(move |(key, &c)| {
+            let weight = c - previous;
+            previous = c;
+            (key.as_str(), weight)
+        })
     }
 
     /// A key drawn in proportion to its weight; `None` when empty.
@@ -125,11 +122,7 @@ impl Histogram {
     pub fn sample_index<R: RngExt + ?Sized>(&self, rng: &mut R) -> Option<usize> {
         let total = *self.cumulative.last()?;
         let at = rng.random::<f64>() * total;
-        Some(
-            self.cumulative
-                .partition_point(|&c| c <= at)
-                .min(self.keys.len() - 1),
-        )
+        Some(self.cumulative.partition_point(|&c| c <= at).min(self.keys.len() - 1))
     }
 }
 
@@ -155,19 +148,14 @@ mod tests {
     fn samples_follow_weights() {
         let histogram = Histogram::exact(&counts(&[("a", 1), ("b", 3)]));
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let b = (0..4000)
-            .filter(|_| histogram.sample(&mut rng) == Some("b"))
-            .count();
+        let b = (0..4000).filter(|_| histogram.sample(&mut rng) == Some("b")).count();
         assert!((2800..3200).contains(&b), "{b}");
     }
 
     #[test]
     fn laplace_release_drops_rare_keys_and_moves_counts() {
         let exact = counts(&[("common", 500), ("rare", 1)]);
-        let privacy = Privacy {
-            epsilon: 1.0,
-            threshold: 5.0,
-        };
+        let privacy = Privacy { epsilon: 1.0, threshold: 5.0 };
         let mut releaser = Releaser::new(Some(privacy), ChaCha8Rng::seed_from_u64(7));
         let released = releaser.release(&exact);
         assert_eq!(released.keys(), ["common".to_string()]);

@@ -66,11 +66,7 @@ pub fn build_templates(
         by_scene.entry(record.scene.as_str()).or_default().push(at);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
-    let mut stats = SceneStats {
-        mode,
-        templates: 0,
-        scenes: BTreeMap::new(),
-    };
+    let mut stats = SceneStats { mode, templates: 0, scenes: BTreeMap::new() };
     let mut templates = Vec::new();
 
     for (scene, members) in &by_scene {
@@ -78,14 +74,8 @@ pub fn build_templates(
         if mode == Mode::Hierarchical {
             let model = SceneModel::learn(&reports, members);
             let mut draw = |rng: &mut ChaCha8Rng| model.draw(rng);
-            let made = collect(
-                &reports,
-                seed,
-                Some(scene),
-                templates_per_scene,
-                &mut rng,
-                &mut draw,
-            );
+            let made =
+                collect(&reports, seed, Some(scene), templates_per_scene, &mut rng, &mut draw);
             figures.templates = made.0.len();
             figures.duplicate_draws = made.1.duplicates;
             figures.contradictory_draws = made.1.contradictions;
@@ -108,10 +98,7 @@ pub fn build_templates(
 }
 
 fn describe_scene(reports: &[DelexReport], members: &[usize]) -> SceneFigures {
-    let mut figures = SceneFigures {
-        seed_reports: members.len(),
-        ..Default::default()
-    };
+    let mut figures = SceneFigures { seed_reports: members.len(), ..Default::default() };
     for &(report, sentence) in &sentence_refs(reports, members).collect::<Vec<_>>() {
         figures.sentences += 1;
         let role = reports[report].sentences[sentence].role;
@@ -124,9 +111,7 @@ fn sentence_refs<'a>(
     reports: &'a [DelexReport],
     members: &'a [usize],
 ) -> impl Iterator<Item = SentenceRef> + 'a {
-    members
-        .iter()
-        .flat_map(move |&r| (0..reports[r].sentences.len()).map(move |s| (r, s)))
+    members.iter().flat_map(move |&r| (0..reports[r].sentences.len()).map(move |s| (r, s)))
 }
 
 /// Draws thrown away while collecting templates.
@@ -146,11 +131,7 @@ fn collect(
     rng: &mut ChaCha8Rng,
     draw: &mut dyn FnMut(&mut ChaCha8Rng) -> Vec<SentenceRef>,
 ) -> (Vec<Template>, Rejected) {
-    let mode = if scene.is_some() {
-        Mode::Hierarchical
-    } else {
-        Mode::Flat
-    };
+    let mode = if scene.is_some() { Mode::Hierarchical } else { Mode::Flat };
     let mut seen = BTreeSet::new();
     let mut templates = Vec::new();
     let mut rejected = Rejected::default();
@@ -163,11 +144,7 @@ fn collect(
             continue;
         }
         let template = compose(reports, seed, &picks, mode, scene);
-        if template
-            .slots
-            .iter()
-            .any(|s| denies_count(&template.text, SlotClass::of(&s.kind)))
-        {
+        if template.slots.iter().any(|s| denies_count(&template.text, SlotClass::of(&s.kind))) {
             rejected.contradictions += 1;
         } else if seen.insert(template.id.clone()) {
             templates.push(template);
@@ -195,36 +172,20 @@ impl SceneModel {
             max_len = max_len.max(sentences.len());
             let mut previous = START;
             for (s, sentence) in sentences.iter().enumerate() {
-                *transitions
-                    .entry(previous)
-                    .or_default()
-                    .entry(sentence.role)
-                    .or_default() += 1;
+                *transitions.entry(previous).or_default().entry(sentence.role).or_default() += 1;
                 pools.entry(sentence.role).or_default().push((r, s));
                 previous = sentence.role;
             }
-            *transitions
-                .entry(previous)
-                .or_default()
-                .entry(END)
-                .or_default() += 1;
+            *transitions.entry(previous).or_default().entry(END).or_default() += 1;
         }
-        Self {
-            transitions,
-            pools,
-            max_len,
-        }
+        Self { transitions, pools, max_len }
     }
 
     fn draw(&self, rng: &mut ChaCha8Rng) -> Vec<SentenceRef> {
         let mut picks: Vec<SentenceRef> = Vec::new();
         let mut role = START;
         while picks.len() < self.max_len {
-            role = match self
-                .transitions
-                .get(role)
-                .and_then(|next| weighted(next, rng))
-            {
+            role = match self.transitions.get(role).and_then(|next| weighted(next, rng)) {
                 Some(next) if next != END => next,
                 _ => break,
             };
@@ -304,23 +265,14 @@ fn compose(
                 pieces.push(piece.clone());
                 continue;
             };
-            let new_index = *renumbered
-                .entry((r, kind.as_str(), *index))
-                .or_insert_with(|| {
-                    let next = next_index.entry(kind.as_str()).or_insert(0);
-                    *next += 1;
-                    let shape = reports[r].shapes[&(kind.clone(), *index)].clone();
-                    slots.push(SlotSpec {
-                        kind: kind.clone(),
-                        index: *next,
-                        shape,
-                    });
-                    *next
-                });
-            pieces.push(Piece::Slot {
-                kind: kind.clone(),
-                index: new_index,
+            let new_index = *renumbered.entry((r, kind.as_str(), *index)).or_insert_with(|| {
+                let next = next_index.entry(kind.as_str()).or_insert(0);
+                *next += 1;
+                let shape = reports[r].shapes[&(kind.clone(), *index)].clone();
+                slots.push(SlotSpec { kind: kind.clone(), index: *next, shape });
+                *next
             });
+            pieces.push(Piece::Slot { kind: kind.clone(), index: new_index });
         }
     }
     let text = render(&merge_text(pieces));

@@ -27,9 +27,7 @@ impl SlotClass {
         let has = |part: &str| name.contains(part);
         if name == "time" || name.ends_with("_time") || name == "clock" {
             Self::Time
-        } else if ["location", "address", "street", "intersection", "place"]
-            .iter()
-            .any(|p| has(p))
+        } else if ["location", "address", "street", "intersection", "place"].iter().any(|p| has(p))
         {
             Self::Location
         } else if has("plate") || has("license") {
@@ -119,10 +117,7 @@ pub const TIME_WORDS: &[(&str, DayPart)] = &[
 ];
 
 pub fn time_word(word: &str) -> Option<DayPart> {
-    TIME_WORDS
-        .iter()
-        .find(|(w, _)| w.eq_ignore_ascii_case(word))
-        .map(|(_, part)| *part)
+    TIME_WORDS.iter().find(|(w, _)| w.eq_ignore_ascii_case(word)).map(|(_, part)| *part)
 }
 
 /// Reads a clock time as minutes after midnight: `14:35`, `2:35 pm`,
@@ -135,10 +130,7 @@ pub fn parse_clock(value: &str) -> Option<u32> {
         _ => {}
     }
     let (body, meridiem) = split_meridiem(&lower);
-    let body = body
-        .trim_end_matches("hours")
-        .trim_end_matches("hrs")
-        .trim();
+    let body = body.trim_end_matches("hours").trim_end_matches("hrs").trim();
     let (hour, minute) = match body.split_once(':') {
         Some((h, m)) => (h.trim().parse::<u32>().ok()?, m.trim().parse::<u32>().ok()?),
         None if body.len() == 4 && body.bytes().all(|b| b.is_ascii_digit()) => {
@@ -231,10 +223,7 @@ pub fn parse_count(value: &str) -> Option<u32> {
     let lower = value.to_ascii_lowercase();
     match lower.as_str() {
         "a" | "an" | "a single" | "single" => Some(1),
-        _ => NUMBER_WORDS
-            .iter()
-            .position(|w| *w == lower)
-            .map(|n| n as u32),
+        _ => NUMBER_WORDS.iter().position(|w| *w == lower).map(|n| n as u32),
     }
 }
 
@@ -252,13 +241,8 @@ pub const NO_INJURY_PHRASES: &[&str] = &[
 ];
 
 /// Phrases that say nobody died.
-pub const NO_FATALITY_PHRASES: &[&str] = &[
-    "no fatalities",
-    "no deaths",
-    "no one was killed",
-    "nobody was killed",
-    "no one died",
-];
+pub const NO_FATALITY_PHRASES: &[&str] =
+    &["no fatalities", "no deaths", "no one was killed", "nobody was killed", "no one died"];
 
 /// Whether text says nobody was hurt (or died) while it has a count slot of that kind:
 /// a template built from sentences of different reports can do that.
@@ -304,10 +288,7 @@ mod tests {
         for minute in 0..1440 {
             let part = DayPart::of_minute(minute);
             let (start, len) = part.span();
-            assert!(
-                (minute + 1440 - start) % 1440 < len,
-                "{minute} outside {part:?}"
-            );
+            assert!((minute + 1440 - start) % 1440 < len, "{minute} outside {part:?}");
         }
     }
 

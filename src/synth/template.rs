@@ -112,11 +112,7 @@ pub enum Piece {
 
 /// The template text of one slot.
 pub fn slot_token(kind: &str, index: u32) -> String {
-    if index == 1 {
-        format!("{{{kind}}}")
-    } else {
-        format!("{{{kind}#{index}}}")
-    }
+    if index == 1 { format!("{{{kind}}}") } else { format!("{{{kind}#{index}}}") }
 }
 
 /// Doubles braces so literal text cannot be read as a slot.
@@ -154,12 +150,9 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
             '{' => {
                 let token: String = chars.by_ref().take_while(|&c| c != '}').collect();
                 let (kind, index) = match token.split_once('#') {
-                    Some((kind, index)) => (
-                        kind,
-                        index
-                            .parse()
-                            .map_err(|_| format!("bad slot `{{{token}}}`"))?,
-                    ),
+                    Some((kind, index)) => {
+                        (kind, index.parse().map_err(|_| format!("bad slot `{{{token}}}`"))?)
+                    }
                     None => (token.as_str(), 1),
                 };
                 if kind.is_empty() || index == 0 {
@@ -168,10 +161,7 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
                 if !literal.is_empty() {
                     pieces.push(Piece::Text(std::mem::take(&mut literal)));
                 }
-                pieces.push(Piece::Slot {
-                    kind: kind.to_string(),
-                    index,
-                });
+                pieces.push(Piece::Slot { kind: kind.to_string(), index });
             }
             '}' => return Err("unmatched `}`".to_string()),
             c => literal.push(c),
@@ -191,15 +181,9 @@ mod tests {
     fn text_round_trips_through_pieces() {
         let pieces = vec![
             Piece::Text("At ".into()),
-            Piece::Slot {
-                kind: "time".into(),
-                index: 1,
-            },
+            Piece::Slot { kind: "time".into(), index: 1 },
             Piece::Text(" a {odd} car hit ".into()),
-            Piece::Slot {
-                kind: "vehicle".into(),
-                index: 2,
-            },
+            Piece::Slot { kind: "vehicle".into(), index: 2 },
         ];
         let text = render(&pieces);
         assert_eq!(text, "At {time} a {{odd}} car hit {vehicle#2}");

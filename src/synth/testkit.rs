@@ -23,19 +23,11 @@ pub fn report(
     let entities = entities
         .iter()
         .map(|(kind, value)| {
-            let byte = from
-                + text[from..]
-                    .find(value)
-                    .unwrap_or_else(|| panic!("{value}"));
+            let byte = from + text[from..].find(value).unwrap_or_else(|| panic!("{value}"));
             from = byte + value.len();
             let start = text[..byte].chars().count();
             let end = start + value.chars().count();
-            Entity {
-                kind: kind.to_string(),
-                start,
-                end,
-                value: Some(value.to_string()),
-            }
+            Entity { kind: kind.to_string(), start, end, value: Some(value.to_string()) }
         })
         .collect();
     Record {
@@ -43,10 +35,7 @@ pub fn report(
         text: text.to_string(),
         scene: scene.to_string(),
         entities,
-        attributes: attributes
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         synthetic: false,
         provenance: None,
     }
@@ -55,12 +44,7 @@ pub fn report(
 /// Twelve short reports over three scenes.
 pub fn tiny_seed() -> Vec<Record> {
     let n = |tod, dist, sev, agency| {
-        [
-            ("time_of_day", tod),
-            ("district", dist),
-            ("severity", sev),
-            ("agency", agency),
-        ]
+        [("time_of_day", tod), ("district", dist), ("severity", sev), ("agency", agency)]
     };
     vec![
         report(
@@ -229,29 +213,11 @@ pub fn tiny_seed() -> Vec<Record> {
 }
 
 pub fn tiny_schema() -> EntitySchema {
-    let key = [
-        "time",
-        "location",
-        "vehicle",
-        "plate",
-        "injured",
-        "fatalities",
-        "hazard",
-        "weapon",
-    ];
-    let peripheral = [
-        "weather",
-        "witness_remark",
-        "bystander_detail",
-        "suspect_description",
-    ];
+    let key = ["time", "location", "vehicle", "plate", "injured", "fatalities", "hazard", "weapon"];
+    let peripheral = ["weather", "witness_remark", "bystander_detail", "suspect_description"];
     let mut map = BTreeMap::new();
     map.extend(key.iter().map(|t| (t.to_string(), EntityRole::Key)));
-    map.extend(
-        peripheral
-            .iter()
-            .map(|t| (t.to_string(), EntityRole::Peripheral)),
-    );
+    map.extend(peripheral.iter().map(|t| (t.to_string(), EntityRole::Peripheral)));
     EntitySchema(map)
 }
 
@@ -263,10 +229,7 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("temp dir"),
-            runs: std::cell::Cell::new(0),
-        }
+        Self { dir: tempfile::tempdir().expect("temp dir"), runs: std::cell::Cell::new(0) }
     }
 
     pub fn path(&self) -> &Path {
@@ -292,10 +255,7 @@ impl Harness {
         self.runs.set(n);
         let out = self.path().join(format!("out-{n}-{}", S::KIND));
         std::fs::create_dir_all(&out)?;
-        let inputs = inputs
-            .iter()
-            .map(|(k, p)| (k.to_string(), p.to_path_buf()))
-            .collect();
+        let inputs = inputs.iter().map(|(k, p)| (k.to_string(), p.to_path_buf())).collect();
         let ctx = StageContext {
             stage_id: S::KIND,
             key: "testkey",
@@ -316,13 +276,7 @@ pub fn assert_spans_slice(records: &[Record]) {
         for entity in &record.entities {
             let slice = record.span_text(entity);
             assert!(slice.is_some(), "{}: span out of range", record.id);
-            assert_eq!(
-                slice,
-                entity.value.as_deref(),
-                "{}: {}",
-                record.id,
-                record.text
-            );
+            assert_eq!(slice, entity.value.as_deref(), "{}: {}", record.id, record.text);
         }
     }
 }

@@ -42,24 +42,15 @@ pub fn read(
     stats: &mut SeedStats,
     limit: usize,
 ) -> Result<(), StageError> {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let event = stem
-        .trim_end_matches("_train")
-        .trim_end_matches("_dev")
-        .trim_end_matches("_test");
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let event = stem.trim_end_matches("_train").trim_end_matches("_dev").trim_end_matches("_test");
     for (number, line) in read_lines(path)? {
         if records.len() >= limit {
             break;
         }
         let tweet: Tweet = serde_json::from_str(&line)
             .map_err(|e| StageError::data(path, Some(number), e.to_string()))?;
-        let id = tweet
-            .tweet_id
-            .clone()
-            .unwrap_or_else(|| format!("{stem}-{number}"));
+        let id = tweet.tweet_id.clone().unwrap_or_else(|| format!("{stem}-{number}"));
         if tweet.text.trim().is_empty() || !ids.insert(id.clone()) {
             stats.skip_report(if tweet.text.trim().is_empty() {
                 "empty_text"
@@ -101,12 +92,7 @@ fn locate(tweet: &Tweet, stats: &mut SeedStats) -> Vec<Entity> {
             found
         };
         if let Some((start, end)) = span {
-            entities.push(Entity {
-                kind: "location".into(),
-                start,
-                end,
-                value: None,
-            });
+            entities.push(Entity { kind: "location".into(), start, end, value: None });
         }
     }
     entities

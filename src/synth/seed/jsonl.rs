@@ -42,20 +42,14 @@ pub fn read(
     stats: &mut SeedStats,
     limit: usize,
 ) -> Result<(), StageError> {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     for (number, line) in read_lines(path)? {
         if records.len() >= limit {
             break;
         }
         let fail = |message: String| StageError::data(path, Some(number), message);
         let parsed: Line = serde_json::from_str(&line).map_err(|e| fail(e.to_string()))?;
-        let id = parsed
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("{stem}-{number}"));
+        let id = parsed.id.clone().unwrap_or_else(|| format!("{stem}-{number}"));
         if !ids.insert(id.clone()) {
             return Err(fail(format!("id `{id}` is used by an earlier report")));
         }
@@ -84,19 +78,13 @@ fn check_entities(line: &Line, schema: &EntitySchema) -> Result<Vec<Entity>, Str
         let name = format!("entity {} (`{}`, {}..{})", n + 1, e.kind, e.start, e.end);
         if !schema.is_empty() && !schema.contains(&e.kind) {
             let known: Vec<&str> = schema.types().map(|(t, _)| t).collect();
-            return Err(format!(
-                "{name}: type not in the recipe schema ({})",
-                known.join(", ")
-            ));
+            return Err(format!("{name}: type not in the recipe schema ({})", known.join(", ")));
         }
         if e.start >= e.end {
             return Err(format!("{name}: start must be below end"));
         }
         let Some(slice) = index.slice(&line.text, e.start, e.end) else {
-            return Err(format!(
-                "{name}: past the end of the text ({} characters)",
-                index.len()
-            ));
+            return Err(format!("{name}: past the end of the text ({} characters)", index.len()));
         };
         if e.value.as_deref().is_some_and(|v| v != slice) {
             return Err(format!("{name}: value does not match the text `{slice}`"));

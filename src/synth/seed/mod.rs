@@ -64,21 +64,13 @@ pub fn input_files(path: &Path, ext: &str) -> Result<Vec<PathBuf>, StageError> {
     let mut files = Vec::new();
     for entry in fs_err::read_dir(path)? {
         let file = entry?.path();
-        if file.is_file()
-            && file
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case(ext))
-        {
+        if file.is_file() && file.extension().is_some_and(|e| e.eq_ignore_ascii_case(ext)) {
             files.push(file);
         }
     }
     files.sort();
     if files.is_empty() {
-        return Err(StageError::data(
-            path,
-            None,
-            format!("no *.{ext} files in this folder"),
-        ));
+        return Err(StageError::data(path, None, format!("no *.{ext} files in this folder")));
     }
     Ok(files)
 }
@@ -104,10 +96,7 @@ pub fn select_share(records: Vec<Record>, share: f64, seed: u64) -> Vec<Record> 
     let mut chosen: Vec<usize> = ranked[..keep].iter().map(|(_, at)| *at).collect();
     chosen.sort_unstable();
     let mut records: Vec<Option<Record>> = records.into_iter().map(Some).collect();
-    chosen
-        .into_iter()
-        .filter_map(|at| records[at].take())
-        .collect()
+    chosen.into_iter().filter_map(|at| records[at].take()).collect()
 }
 
 /// Sorts spans, drops those that overlap an earlier one or whose type the
@@ -177,10 +166,7 @@ mod tests {
 
     #[test]
     fn categories_normalise() {
-        assert_eq!(
-            normalise_category("Transport to/from;"),
-            "transport_to_from"
-        );
+        assert_eq!(normalise_category("Transport to/from;"), "transport_to_from");
         assert_eq!(normalise_category("  Line; "), "line");
     }
 

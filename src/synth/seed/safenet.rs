@@ -39,12 +39,7 @@ pub fn read(
         .byte_headers()
         .map_err(|e| StageError::data(path, Some(1), e.to_string()))?
         .iter()
-        .map(|h| {
-            String::from_utf8_lossy(h)
-                .trim()
-                .trim_matches('"')
-                .to_string()
-        })
+        .map(|h| String::from_utf8_lossy(h).trim().trim_matches('"').to_string())
         .collect();
     let column = |name: &str| headers.iter().position(|h| h == name);
     let narrative = column("Narrative")
@@ -64,9 +59,7 @@ pub fn read(
                 .map(|b| String::from_utf8_lossy(b).trim().to_string())
                 .unwrap_or_default()
         };
-        let text = row
-            .get(narrative)
-            .map(|b| String::from_utf8_lossy(b).trim().to_string());
+        let text = row.get(narrative).map(|b| String::from_utf8_lossy(b).trim().to_string());
         let Some(text) = text.filter(|t| !t.is_empty()) else {
             stats.skip_report("empty_text");
             continue;
@@ -84,10 +77,7 @@ pub fn read(
         records.push(Record {
             id,
             entities: tidy_spans(&text, entities, schema, stats),
-            scene: scene(
-                &field("Event Incident Activity"),
-                &field("Event Incident Type"),
-            ),
+            scene: scene(&field("Event Incident Activity"), &field("Event Incident Type")),
             attributes: attributes(&field),
             text,
             synthetic: false,
@@ -98,9 +88,7 @@ pub fn read(
 }
 
 fn first_item(list: &str) -> Option<String> {
-    list.split(';')
-        .map(normalise_category)
-        .find(|item| !item.is_empty())
+    list.split(';').map(normalise_category).find(|item| !item.is_empty())
 }
 
 fn scene(activity: &str, incident_type: &str) -> String {
@@ -121,12 +109,7 @@ fn attributes(field: &dyn Fn(&str) -> String) -> BTreeMap<String, String> {
     put("incident_type", first_item(&field("Event Incident Type")));
     put("stage", first_item(&field("Event Incident Stage")));
     let date = field("Event Start Date");
-    put(
-        "year",
-        date.split([' ', '/'])
-            .find(|p| p.len() == 4)
-            .map(str::to_string),
-    );
+    put("year", date.split([' ', '/']).find(|p| p.len() == 4).map(str::to_string));
     attributes
 }
 
@@ -167,12 +150,7 @@ fn entities(text: &str, field: &dyn Fn(&str) -> String) -> Vec<Entity> {
                 continue;
             };
             if seen.insert((s, e)) {
-                entities.push(Entity {
-                    kind: kind.to_string(),
-                    start: s,
-                    end: e,
-                    value: None,
-                });
+                entities.push(Entity { kind: kind.to_string(), start: s, end: e, value: None });
             }
         }
     }
@@ -233,8 +211,5 @@ fn state_name(code: &str) -> Option<&'static str> {
         ("WY", "Wyoming"),
         ("PR", "Puerto Rico"),
     ];
-    STATES
-        .iter()
-        .find(|(c, _)| c.eq_ignore_ascii_case(code))
-        .map(|(_, name)| *name)
+    STATES.iter().find(|(c, _)| c.eq_ignore_ascii_case(code)).map(|(_, name)| *name)
 }
