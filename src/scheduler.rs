@@ -180,7 +180,7 @@ enum Step {
     Idle,
     /// Finished without running: cached, refused, skipped or failed early.
     Settled,
-    Start(Ready),
+    Start(Box<Ready>),
 }
 
 /// The scheduler's bookkeeping for one run.
@@ -273,7 +273,7 @@ impl State<'_> {
         self.gpu_free -= instance.resources.gpu;
         self.started[index] = true;
         self.observer.stage_started(&instance.name);
-        Ok(Step::Start(Ready { index, key, fields, inputs }))
+        Ok(Step::Start(Box::new(Ready { index, key, fields, inputs })))
     }
 
     /// Records a worker's result and frees its slots.
@@ -335,7 +335,7 @@ pub fn run(
                         scope.spawn(move || {
                             let start = Instant::now();
                             let index = ready.index;
-                            let result = build(recipe, ready, store, executor, reporter, observer);
+                            let result = build(recipe, *ready, store, executor, reporter, observer);
                             let duration = start.elapsed();
                             let _ = tx.send(Finished { index, result, duration });
                         });

@@ -29,15 +29,33 @@ fn recipe_reference_is_current() {
     check("book/src/reference.md", &watchfire::reference::markdown());
 }
 
-#[test]
-fn quickstart_validates_against_the_schema() {
+/// Every recipe in the repository and in the book.
+fn all_recipes() -> Vec<std::path::PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for recipe in ["recipes/quickstart.yaml"] {
-        let text = std::fs::read_to_string(root.join(recipe)).unwrap();
+    let mut out = Vec::new();
+    for dir in ["recipes", "book/src/recipes"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn recipes_validate_against_the_schema() {
+    let schema = watchfire::recipe::json_schema();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let recipes = all_recipes();
+    assert!(!recipes.is_empty());
+    for recipe in recipes {
+        let text = std::fs::read_to_string(&recipe).unwrap();
         let value: serde_json::Value = serde_yaml::from_str(&text).unwrap();
-        let schema = watchfire::recipe::json_schema();
-        let validator = jsonschema::validator_for(&schema).unwrap();
         let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "{recipe}: {errors:?}");
+        assert!(errors.is_empty(), "{}: {errors:?}", recipe.display());
     }
 }

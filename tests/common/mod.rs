@@ -95,6 +95,8 @@ pub fn filtered(text: &str, project: &Project) -> String {
     let text = re(r"\b[0-9a-f]{64}\b", "[HASH]", &text);
     let text = re(r"\b[0-9a-f]{12,16}\b", "[KEY]", &text);
     let text = re(r"\b\d+(\.\d+)? (ms|s)\b", "[TIME]", &text);
-    // Column widths depend on the filtered values; normalise runs of spaces.
-    re(r" {2,}", "  ", &text)
+    let text = re(r"\b\d+(\.\d+)? (B|KiB|MiB|GiB)\b", "[SIZE]", &text);
+    // Column widths depend on the filtered values; normalise the runs of
+    // spaces between columns (not the indentation).
+    re(r"(\S) {2,}", "$1  ", &text)
 }
