@@ -132,13 +132,21 @@ fn yaml_syntax_error() {
 fn unknown_top_level_key() {
     let err = error(&edit("params:", "parms:"));
     check(&err, K::UnknownKey, "parms", Some("did you mean `params`?"));
+    assert_eq!(err.message, "unknown key `parms` in the recipe");
+}
+
+#[test]
+fn byte_order_mark_is_ignored() {
+    Project::new().resolve(&format!("\u{feff}{BASE}")).expect("recipe with a BOM");
+    let err = error(&format!("\u{feff}{}", edit("    kind: scene", "    knid: scene")));
+    check(&err, K::UnknownKey, "knid", Some("did you mean `kind`?"));
 }
 
 #[test]
 fn unknown_stage_key() {
     let err = error(&edit("    kind: scene", "    knid: scene"));
     check(&err, K::UnknownKey, "knid", Some("did you mean `kind`?"));
-    assert!(err.message.contains("stages.scene"), "{}", err.message);
+    assert_eq!(err.message, "unknown key `knid` in `stages.scene`");
 }
 
 #[test]
@@ -153,6 +161,7 @@ fn missing_required_key() {
 fn unknown_param_of_a_kind() {
     let err = error(&edit("templates_per_scene", "templates_per_scen"));
     check(&err, K::UnknownKey, "templates_per_scen", Some("did you mean `templates_per_scene`?"));
+    assert_eq!(err.message, "unknown key `templates_per_scen` in `stages.scene.params`");
 }
 
 #[test]
@@ -496,8 +505,21 @@ fn mutate(text: &mut String, rng: &mut ChaCha8Rng) {
     }
 }
 
-/// Inputs that once panicked (or nearly did), kept as regressions.
-const REGRESSIONS: &[&str] = &[""];
+/// Edge inputs for the span index: empty, a byte-order mark, multi-byte
+/// chars next to flow brackets, unclosed and nested flow, containers as
+/// keys, aliases, several documents, NUL.
+const REGRESSIONS: &[&str] = &[
+    "",
+    "\u{feff}name: x\nstages: {}\n",
+    "name: ☕\nstages: {é: [ü, {ß: 𝄞}]}\n",
+    "name: [é\n",
+    "name: x\nstages: {a: {kind: seed, inputs: {data: ./é}}}\n",
+    "? [a, b]\n: c\n{x: y}: z\n",
+    "name: &a x\nseed: *a\nstages: *a\n",
+    "name: x\n---\nname: y\n",
+    "name: \"\\\"\nstages:\u{0}",
+    "stages:\n  a: {kind: scene, inputs: {seed: a.templates}}\nname: x, y\n",
+];
 
 #[test]
 fn mangled_recipes_never_panic() {

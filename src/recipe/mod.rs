@@ -128,6 +128,9 @@ pub struct ParsedRecipe {
 
 /// Parses recipe text. `name` is how errors refer to the file.
 pub fn parse(text: &str, name: &str) -> Result<ParsedRecipe, RecipeError> {
+    // serde_yaml misreads a byte-order mark (as some editors write) as an
+    // extra document.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let source = NamedSource::new(name, Arc::<str>::from(text)).with_language("yaml");
     let spans = SpanIndex::build(text);
     if let Some((offset, message)) = spans.syntax_error.clone() {

@@ -84,7 +84,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::corpus::{Record, read_lines};
+    use crate::corpus::read_lines;
     use crate::schema::EntitySchema;
     use crate::stages::detail::{Detail, DetailParams};
     use crate::stages::scene::{Scene, SceneParams};
@@ -218,37 +218,5 @@ mod tests {
         for (scene, figures) in stats["scenes"].as_object().unwrap() {
             eprintln!("{scene}: {} templates, roles {}", figures["templates"], figures["roles"]);
         }
-    }
-
-    /// Release-mode generation rate: `cargo test --release --lib generation_rate -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn generation_rate() {
-        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/seed.jsonl");
-        let seed: Vec<Record> = if data.exists() {
-            let h = Harness::new();
-            let out = h.run::<Seed>(&SeedParams::default(), &[("data", &data)], 1, &tiny_schema());
-            crate::corpus::read_records(&out.unwrap().join("records.jsonl")).unwrap()
-        } else {
-            tiny_seed()
-        };
-        let (templates, _) = crate::synth::scene::build_templates(&seed, Mode::Hierarchical, 40, 1);
-        let config = crate::synth::detail::DetailConfig::default();
-        let generator = crate::synth::detail::Generator::new(templates, &seed, config, 1).unwrap();
-        let n = 200_000;
-        let start = std::time::Instant::now();
-        let records = generator.generate(7, n);
-        let generated = start.elapsed();
-        let mut bytes = Vec::new();
-        for r in &records {
-            serde_json::to_writer(&mut bytes, r).unwrap();
-        }
-        let total = start.elapsed();
-        eprintln!(
-            "{n} records: generate {:.0}/s, generate+serialise {:.0}/s ({} MB)",
-            n as f64 / generated.as_secs_f64(),
-            n as f64 / total.as_secs_f64(),
-            bytes.len() / 1_000_000
-        );
     }
 }
