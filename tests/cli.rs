@@ -201,3 +201,18 @@ fn two_runs_on_one_cache_build_each_key_once() {
     assert_eq!(ran_count(&a) + ran_count(&b), 4, "each stage is built once:\n{a}\n{b}");
     assert_eq!(artifact_count(&project), 4);
 }
+
+#[test]
+fn transient_stages_run_every_time_and_are_never_stored() {
+    let project = Project::with_recipe("quickstart.yaml");
+    project.edit(QS, "    kind: scene\n", "    kind: scene\n    cache: false\n");
+    let first = project.ok(&["run", QS]);
+    assert!(has_row(&first, "scene", "scene", "ran"), "{first}");
+    assert_eq!(artifact_count(&project), 3, "`scene` is not stored");
+    let second = project.ok(&["run", QS]);
+    assert!(has_row(&second, "scene", "scene", "ran"), "{second}");
+    // It made the same bytes, so what reads it is still cached.
+    assert!(has_row(&second, "detail", "detail", "cached"), "{second}");
+    let staging = project.path().join("cache/store-v1/staging");
+    assert_eq!(std::fs::read_dir(staging).unwrap().count(), 0);
+}
