@@ -333,6 +333,19 @@ fn matrix_variant_without_values() {
 }
 
 #[test]
+fn matrix_that_expands_too_far() {
+    let values: Vec<String> = (0..70).map(|n| n.to_string()).collect();
+    let list = values.join(", ");
+    let err = error(&format!(
+        "{BASE}  other:\n    kind: detail\n    params:\n      count: ${{params.other}}\n    inputs:\n      \
+         templates: scene.templates\n      seed: seed.records\nvariants:\n  sweep:\n    matrix:\n      \
+         records: [{list}]\n      other: [{list}]\n"
+    ).replace("params:\n  records: 10\n", "params:\n  records: 10\n  other: 10\n"));
+    check(&err, K::Invalid, "matrix", Some("split it into several variants"));
+    assert!(err.message.contains("too large"), "{}", err.message);
+}
+
+#[test]
 fn matrix_variants_share_identical_stages() {
     let yaml = format!("{BASE}variants:\n  sweep:\n    matrix:\n      records: [10, 20]\n");
     let recipe = Project::new().resolve(&yaml).expect("matrix recipe");

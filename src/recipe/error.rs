@@ -22,7 +22,8 @@ pub enum RecipeErrorKind {
     UnknownInputSlot,
     /// An input names a stage (or stage output) that does not exist.
     DanglingInput,
-    /// A param has the wrong type, or is not a param of the kind.
+    /// A param has the wrong type. (A param the kind does not have is an
+    /// [`UnknownKey`](Self::UnknownKey).)
     ParamType,
     /// A param is outside its allowed range.
     ParamRange,

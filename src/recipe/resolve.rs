@@ -17,6 +17,9 @@ use super::{ParsedRecipe, Resources, SpanIndex, StageDecl, parse, placed_serde_e
 use crate::schema::EntitySchema;
 use crate::stage::{ParamIssue, StageKind, find_kind, registry};
 
+/// The most variants one matrix may expand into.
+pub const MAX_MATRIX: usize = 4096;
+
 /// The variant every recipe has: its own params, unchanged.
 pub const DEFAULT_VARIANT: &str = "default";
 
@@ -242,6 +245,14 @@ impl<'a> Resolver<'a> {
                         .suggest(key, base.keys().map(String::as_str))
                         .help_if_none(format!("declare `{key}` under the top-level `params` first")));
                 }
+            }
+            let size = decl.matrix.values().try_fold(1usize, |n, v| n.checked_mul(v.len()));
+            if size.is_none_or(|n| n > MAX_MATRIX) {
+                let span = self.spans().key_or_value(&["variants", name, "matrix"]);
+                return Err(self
+                    .error(K::Invalid, format!("the matrix of variant `{name}` is too large"))
+                    .label(span, format!("expands into more than {MAX_MATRIX} variants"))
+                    .help("split it into several variants, or sweep fewer values at once"));
             }
             let mut combos: Vec<(Vec<String>, IndexMap<String, Value>)> =
                 vec![(Vec::new(), decl.params.clone())];
