@@ -1,11 +1,9 @@
 //! `watchfire plan`: what a run would do, and why, without running anything.
 
-use std::path::PathBuf;
-
-use crate::cache::{Artifact, CacheKey, FileHashes, KeyFields, Lookup, Store, StoreError};
+use crate::cache::{Artifact, CacheKey, KeyFields, Lookup, Store, StoreError};
 use crate::lock::LockFile;
 use crate::recipe::Recipe;
-use crate::scheduler::key_fields;
+use crate::scheduler::{file_hashes, key_fields};
 
 /// What would happen to one stage instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +52,7 @@ pub fn plan_locked(
     store: &dyn Store,
     lock: Option<&LockFile>,
 ) -> Result<Vec<PlanEntry>, StoreError> {
-    let files = FileHashes::load(PathBuf::from(store.location()).join("files.json"));
+    let files = file_hashes(recipe, store);
     let refs = store.refs(&recipe.path)?;
     let mut known: Vec<Option<Artifact>> = vec![None; recipe.instances.len()];
     let mut out = Vec::with_capacity(recipe.instances.len());
@@ -76,7 +74,7 @@ pub fn plan_locked(
         let (fields, _) = key_fields(recipe, instance, &known, &files)
             .map_err(|err| StoreError::Io(std::io::Error::other(err)))?;
         let key = fields.key();
-        let decision = match (instance.cache, store.lookup(&key)?) {
+        let decision = match (instance.cache, store.peek(&key)?) {
             (true, Lookup::Hit(artifact)) => {
                 known[index] = Some(*artifact);
                 Decision::Cached

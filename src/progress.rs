@@ -7,6 +7,9 @@ use std::sync::Arc;
 pub trait Reporter: Send + Sync {
     /// Starts a progress counter for one loop of a stage.
     fn progress(&self, stage: &str, total: Option<u64>, unit: &'static str) -> Progress;
+
+    /// Something a stage wants the user to read, such as a hash to pin.
+    fn notice(&self, _stage: &str, _message: &str) {}
 }
 
 /// What a [`Progress`] handle forwards to; implemented by the CLI's bars.

@@ -6,8 +6,9 @@
 //! the same bytes as before, the dependent's key is unchanged and it is a
 //! cache hit (early cutoff). A failed stage stops only its dependents.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +40,8 @@ pub enum Status {
 
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// The instance's index in [`Recipe::instances`].
+    pub index: usize,
     pub name: String,
     pub status: Status,
     pub key: Option<CacheKey>,
@@ -46,7 +49,8 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
-/// The result of a run, one outcome per instance in recipe order.
+/// The result of a run, one outcome per instance in run order
+/// (dependencies before dependents).
 #[derive(Debug, Clone, Default)]
 pub struct RunReport {
     pub outcomes: Vec<Outcome>,
@@ -95,6 +99,15 @@ pub struct RunOptions<'a> {
 struct Bound {
     path: PathBuf,
     key: InputKey,
+}
+
+/// The input-file hash memo of `store`, leaving the cache folder and the
+/// recipe's own lock out of folder hashes.
+pub(crate) fn file_hashes(recipe: &Recipe, store: &dyn Store) -> FileHashes {
+    let memo = store.file_memo();
+    let mut exclude = vec![crate::lock::LockFile::path_for(&recipe.path)];
+    exclude.extend(memo.parent().and_then(Path::parent).map(Path::to_path_buf));
+    FileHashes::with_exclusions(memo, exclude)
 }
 
 /// The key fields of an instance whose dependencies are all in `done`,
@@ -183,6 +196,14 @@ enum Step {
     Start(Box<Ready>),
 }
 
+/// What preparing an instance found.
+enum Prepared {
+    /// Its dependencies are not all done.
+    Waiting,
+    Settled,
+    Ready(Box<Ready>),
+}
+
 /// The scheduler's bookkeeping for one run.
 struct State<'a> {
     recipe: &'a Recipe,
@@ -193,6 +214,10 @@ struct State<'a> {
     outcomes: Vec<Option<Outcome>>,
     done: Vec<Option<Artifact>>,
     started: Vec<bool>,
+    /// Prepared instances waiting for slots.
+    ready: Vec<Option<Box<Ready>>>,
+    /// Keys being built by this run's workers.
+    in_flight: HashSet<CacheKey>,
     /// Outputs of `cache: false` stages live in staging until the run ends.
     transient: Vec<Staging>,
     fields: BTreeMap<String, KeyFields>,
@@ -208,7 +233,8 @@ impl State<'_> {
     fn settle(&mut self, index: usize, status: Status, key: Option<CacheKey>, duration: Duration) {
         let instance = &self.recipe.instances[index];
         let output_hash = self.done[index].as_ref().map(|a| a.manifest.output_hash.clone());
-        let outcome = Outcome { name: instance.name.clone(), status, key, output_hash, duration };
+        let outcome =
+            Outcome { index, name: instance.name.clone(), status, key, output_hash, duration };
         self.observer.stage_finished(&outcome);
         self.outcomes[index] = Some(outcome);
     }
@@ -218,19 +244,32 @@ impl State<'_> {
         if self.outcomes[index].is_some() || self.started[index] {
             return Ok(Step::Idle);
         }
+        if self.ready[index].is_none() {
+            match self.prepare(index)? {
+                Prepared::Waiting => return Ok(Step::Idle),
+                Prepared::Settled => return Ok(Step::Settled),
+                Prepared::Ready(ready) => self.ready[index] = Some(ready),
+            }
+        }
+        Ok(self.start(index))
+    }
+
+    /// Computes the key of an instance whose dependencies are done, once,
+    /// and settles it if it needs no run.
+    fn prepare(&mut self, index: usize) -> Result<Prepared, StoreError> {
         let instance = &self.recipe.instances[index];
         if let Some(failed) = instance.deps.iter().find_map(|&d| failed_name(&self.outcomes, d)) {
             self.settle(index, Status::Skipped { failed }, None, Duration::ZERO);
-            return Ok(Step::Settled);
+            return Ok(Prepared::Settled);
         }
         if !instance.deps.iter().all(|&d| self.done[d].is_some()) {
-            return Ok(Step::Idle);
+            return Ok(Prepared::Waiting);
         }
         let (fields, inputs) = match key_fields(self.recipe, instance, &self.done, &self.files) {
             Ok(found) => found,
             Err(message) => {
                 self.settle(index, Status::Failed(message), None, Duration::ZERO);
-                return Ok(Step::Settled);
+                return Ok(Prepared::Settled);
             }
         };
         let key = fields.key();
@@ -240,14 +279,14 @@ impl State<'_> {
             && let Err(reason) = policy.allow(&instance.name, &key)
         {
             self.settle(index, Status::Refused(reason), Some(key), Duration::ZERO);
-            return Ok(Step::Settled);
+            return Ok(Prepared::Settled);
         }
         if instance.cache {
             match self.store.lookup(&key)? {
                 Lookup::Hit(artifact) => {
                     self.done[index] = Some(*artifact);
                     self.settle(index, Status::Cached, Some(key), Duration::ZERO);
-                    return Ok(Step::Settled);
+                    return Ok(Prepared::Settled);
                 }
                 Lookup::Corrupt { file, .. } => self.observer.notice(&format!(
                     "artifact of `{}` was corrupt (`{file}` no longer matches its hash); \
@@ -263,22 +302,50 @@ impl State<'_> {
                 instance.resources.gpu, self.options.gpus
             );
             self.settle(index, Status::Failed(message), Some(key), Duration::ZERO);
-            return Ok(Step::Settled);
+            return Ok(Prepared::Settled);
         }
+        Ok(Prepared::Ready(Box::new(Ready { index, key, fields, inputs })))
+    }
+
+    /// Starts a prepared instance when its slots are free and no other
+    /// instance of this run is building the same key (then it waits, and
+    /// finds that key in the cache).
+    fn start(&mut self, index: usize) -> Step {
+        let instance = &self.recipe.instances[index];
         let cpu = self.cpu_slots(instance);
-        if cpu > self.cpu_free || instance.resources.gpu > self.gpu_free {
-            return Ok(Step::Idle);
+        let Some(key) = self.ready[index].as_ref().map(|ready| ready.key) else {
+            return Step::Idle;
+        };
+        let busy = self.in_flight.contains(&key);
+        if busy || cpu > self.cpu_free || instance.resources.gpu > self.gpu_free {
+            return Step::Idle;
+        }
+        if self.done.iter().flatten().any(|artifact| artifact.key == key) && instance.cache {
+            // A twin instance built this key during this run.
+            if let Ok(Lookup::Hit(artifact)) = self.store.lookup(&key) {
+                self.ready[index] = None;
+                self.done[index] = Some(*artifact);
+                self.settle(index, Status::Cached, Some(key), Duration::ZERO);
+                return Step::Settled;
+            }
         }
         self.cpu_free -= cpu;
         self.gpu_free -= instance.resources.gpu;
         self.started[index] = true;
+        self.in_flight.insert(key);
         self.observer.stage_started(&instance.name);
-        Ok(Step::Start(Box::new(Ready { index, key, fields, inputs })))
+        match self.ready[index].take() {
+            Some(ready) => Step::Start(ready),
+            None => Step::Idle,
+        }
     }
 
     /// Records a worker's result and frees its slots.
     fn finish(&mut self, msg: Finished) {
         let instance = &self.recipe.instances[msg.index];
+        if let Some(fields) = self.fields.get(&instance.name) {
+            self.in_flight.remove(&fields.key());
+        }
         self.cpu_free += self.cpu_slots(instance);
         self.gpu_free += instance.resources.gpu;
         self.started[msg.index] = false;
@@ -310,10 +377,12 @@ pub fn run(
         store,
         observer,
         options,
-        files: FileHashes::load(PathBuf::from(store.location()).join("files.json")),
+        files: file_hashes(recipe, store),
         outcomes: vec![None; count],
         done: vec![None; count],
         started: vec![false; count],
+        ready: (0..count).map(|_| None).collect(),
+        in_flight: HashSet::new(),
         transient: Vec::new(),
         fields: BTreeMap::new(),
         cpu_free: options.jobs.max(1),
@@ -335,7 +404,11 @@ pub fn run(
                         scope.spawn(move || {
                             let start = Instant::now();
                             let index = ready.index;
-                            let result = build(recipe, *ready, store, executor, reporter, observer);
+                            // A panicking stage fails like any other; the run goes on.
+                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                build(recipe, *ready, store, executor, reporter, observer)
+                            }))
+                            .unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
                             let duration = start.elapsed();
                             let _ = tx.send(Finished { index, result, duration });
                         });
@@ -363,6 +436,16 @@ pub fn run(
     report.artifacts = state.done;
     drop(state.transient);
     Ok(report)
+}
+
+/// What a panicking stage said, as a failure message.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_string());
+    format!("the stage panicked: {text}")
 }
 
 fn failed_name(outcomes: &[Option<Outcome>], dep: usize) -> Option<String> {
@@ -395,7 +478,7 @@ fn build(
     } else {
         None
     };
-    let staging = store.begin(&key).map_err(|err| err.to_string())?;
+    let staging = store.begin(&key, !instance.cache).map_err(|err| err.to_string())?;
     let started_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let start = Instant::now();
     let job = Job {
@@ -461,6 +544,10 @@ fn save_refs(
 ) -> Result<(), StoreError> {
     let mut refs = store.refs(&recipe.path)?;
     refs.recipe = recipe.path.display().to_string();
+    if !recipe.partial {
+        // Stages renamed or removed since: their artifacts may be collected.
+        refs.instances.retain(|name, _| recipe.instances.iter().any(|i| &i.name == name));
+    }
     for outcome in outcomes.iter().flatten() {
         let ok = matches!(outcome.status, Status::Cached | Status::Ran | Status::BuiltElsewhere);
         if let (true, Some(fields)) = (ok, report.fields.get(&outcome.name)) {

@@ -104,6 +104,14 @@ pub trait Stage: Send + Sync + 'static {
     const DETERMINISTIC: bool = true;
 
     fn run(params: &Self::Params, ctx: &StageContext<'_>) -> Result<(), StageError>;
+
+    /// Project paths named inside params (such as a `path:` model source),
+    /// as (input slot, path) pairs. The runner binds them like inputs the
+    /// recipe wrote, so their content is hashed into the cache key and they
+    /// must stay inside the project.
+    fn implicit_inputs(_params: &Self::Params) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// What a running stage can see: its inputs, its output directory, its seed.
@@ -149,6 +157,11 @@ impl StageContext<'_> {
         self.out_dir.join(file)
     }
 
+    /// Tells the user something worth acting on (not an error).
+    pub fn notice(&self, message: &str) {
+        self.reporter.notice(self.stage_id, message);
+    }
+
     /// A progress handle for a loop over `total` items.
     pub fn progress(&self, total: Option<u64>, unit: &'static str) -> Progress {
         self.reporter.progress(self.stage_id, total, unit)
@@ -169,6 +182,8 @@ pub trait StageKind: Send + Sync {
     /// default filled in: the form that goes into the cache key.
     fn resolve_params(&self, params: serde_json::Value) -> Result<serde_json::Value, ParamIssue>;
     fn run(&self, params: &serde_json::Value, ctx: &StageContext<'_>) -> Result<(), StageError>;
+    /// See [`Stage::implicit_inputs`]; `params` are resolved params.
+    fn implicit_inputs(&self, params: &serde_json::Value) -> Vec<(String, String)>;
 }
 
 /// A parameter problem, before it is placed in the recipe's source.
@@ -235,6 +250,12 @@ impl<S: Stage> StageKind for Erased<S> {
     fn run(&self, params: &serde_json::Value, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let typed: S::Params = serde_json::from_value(params.clone())?;
         S::run(&typed, ctx)
+    }
+
+    fn implicit_inputs(&self, params: &serde_json::Value) -> Vec<(String, String)> {
+        serde_json::from_value::<S::Params>(params.clone())
+            .map(|typed| S::implicit_inputs(&typed))
+            .unwrap_or_default()
     }
 }
 

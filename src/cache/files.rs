@@ -20,16 +20,29 @@ struct Memo {
 pub struct FileHashes {
     path: PathBuf,
     memo: Mutex<(BTreeMap<String, Memo>, bool)>,
+    /// Paths a folder's hash leaves out: the cache itself and the recipe's
+    /// lock, which change on every run.
+    exclude: Vec<PathBuf>,
 }
+
+/// A file modified this recently may still change within the same clock
+/// tick, so its hash is not remembered (git does the same).
+const RACY_NS: i128 = 2_000_000_000;
 
 impl FileHashes {
     /// Loads the memo at `path`; a missing or unreadable memo starts empty.
     pub fn load(path: PathBuf) -> Self {
+        Self::with_exclusions(path, Vec::new())
+    }
+
+    /// Like [`load`](Self::load), leaving `exclude` out of folder hashes.
+    pub fn with_exclusions(path: PathBuf, exclude: Vec<PathBuf>) -> Self {
         let memo = std::fs::read(&path)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        Self { path, memo: Mutex::new((memo, false)) }
+        let exclude = exclude.into_iter().map(|p| p.canonicalize().unwrap_or(p)).collect();
+        Self { path, memo: Mutex::new((memo, false)), exclude }
     }
 
     /// The content hash of a file, or of a folder's files and their paths.
@@ -39,7 +52,10 @@ impl FileHashes {
             return self.hash_file(path, &meta);
         }
         let mut entries = Vec::new();
-        for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
+        // Links are followed: a stage reading the folder reads their targets.
+        let walk = walkdir::WalkDir::new(path).sort_by_file_name().follow_links(true);
+        let walk = walk.into_iter().filter_entry(|e| !self.exclude.iter().any(|x| e.path() == x));
+        for entry in walk {
             let entry = entry.map_err(std::io::Error::other)?;
             if !entry.file_type().is_file() {
                 continue;
@@ -66,9 +82,12 @@ impl FileHashes {
             return Ok(memo.hash.clone());
         }
         let hash = hash_file(path)?;
-        let mut guard = self.lock();
-        guard.0.insert(name, Memo { size, mtime_ns: mtime, hash: hash.clone() });
-        guard.1 = true;
+        let now = mtime_ns_now();
+        if now - mtime > RACY_NS {
+            let mut guard = self.lock();
+            guard.0.insert(name, Memo { size, mtime_ns: mtime, hash: hash.clone() });
+            guard.1 = true;
+        }
         Ok(hash)
     }
 
@@ -85,6 +104,13 @@ impl FileHashes {
         let bytes = serde_json::to_vec(&guard.0).map_err(std::io::Error::other)?;
         super::local::write_atomic(&self.path, &bytes)
     }
+}
+
+fn mtime_ns_now() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(i128::MAX)
 }
 
 #[cfg(test)]

@@ -107,6 +107,11 @@ impl KeyFields {
             match (old.inputs.get(slot), new) {
                 (None, _) => out.push(format!("input `{slot}` added")),
                 (Some(old), new) if old == new => {}
+                (Some(InputKey::File { path: was, hash: old }), InputKey::File { path, hash })
+                    if old == hash =>
+                {
+                    out.push(format!("input `{slot}` moved from `{was}` to `{path}`"));
+                }
                 (Some(_), InputKey::File { path, .. }) => {
                     out.push(format!("file `{path}` changed"))
                 }

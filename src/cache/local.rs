@@ -55,25 +55,48 @@ impl LocalStore {
         self.root.join("refs").join(format!("{}.json", &id[..24]))
     }
 
-    fn read_manifest(&self, dir: &Path) -> Result<Option<Manifest>, StoreError> {
+    fn read_manifest(&self, dir: &Path) -> Result<Found, StoreError> {
         let path = dir.join("manifest.json");
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Missing),
             Err(err) => return Err(fs_err_io(err, &path)),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StoreError::Manifest { path, source })
+        Ok(serde_json::from_slice(&bytes).map_or(Found::Unreadable, |m| Found::Manifest(Box::new(m))))
     }
 
     /// Moves an artifact out of `artifacts/` in one rename, then deletes it.
+    /// Another process discarding it first is fine.
     fn discard(&self, dir: &Path) -> Result<(), StoreError> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
         let trash = self.root.join("staging").join(format!("trash.{}.{n}", std::process::id()));
-        fs_err::rename(dir, &trash)?;
+        match std::fs::rename(dir, &trash) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(fs_err_io(err, dir)),
+        }
         fs_err::remove_dir_all(&trash)?;
         Ok(())
+    }
+
+    /// Finds an artifact; a corrupt one is removed when `discard` is set.
+    fn find(&self, key: &CacheKey, discard: bool) -> Result<Lookup, StoreError> {
+        let dir = self.artifact_dir(key);
+        let problem = match self.read_manifest(&dir)? {
+            Found::Missing => return Ok(Lookup::Miss),
+            Found::Unreadable => "manifest.json".to_string(),
+            Found::Manifest(manifest) => match self.check_files(&dir, &manifest)? {
+                Some(file) => file,
+                None => {
+                    let artifact = Artifact { key: *key, dir: dir.join("out"), manifest: *manifest };
+                    return Ok(Lookup::Hit(Box::new(artifact)));
+                }
+            },
+        };
+        if discard {
+            self.discard(&dir)?;
+        }
+        Ok(Lookup::Corrupt { key: *key, file: problem })
     }
 
     /// Checks files by size and time; hashes those that changed.
@@ -123,15 +146,11 @@ fn process_alive(pid: u32) -> bool {
 
 impl Store for LocalStore {
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
-        let dir = self.artifact_dir(key);
-        let Some(manifest) = self.read_manifest(&dir)? else {
-            return Ok(Lookup::Miss);
-        };
-        if let Some(file) = self.check_files(&dir, &manifest)? {
-            self.discard(&dir)?;
-            return Ok(Lookup::Corrupt { key: *key, file });
-        }
-        Ok(Lookup::Hit(Box::new(Artifact { key: *key, dir: dir.join("out"), manifest })))
+        self.find(key, true)
+    }
+
+    fn peek(&self, key: &CacheKey) -> Result<Lookup, StoreError> {
+        self.find(key, false)
     }
 
     fn lock(
@@ -178,10 +197,13 @@ impl Store for LocalStore {
         Ok(Box::new(FileLock { file }))
     }
 
-    fn begin(&self, key: &CacheKey) -> Result<Staging, StoreError> {
+    fn begin(&self, key: &CacheKey, transient: bool) -> Result<Staging, StoreError> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let root =
-            self.root.join("staging").join(format!("{}.{}.{n}", key.to_hex(), std::process::id()));
+        // Builders of a key hold its lock and clear `KEY.*` leftovers; a
+        // transient stage holds no lock, so its folder has another prefix.
+        let prefix = if transient { "transient." } else { "" };
+        let name = format!("{prefix}{}.{}.{n}", key.to_hex(), std::process::id());
+        let root = self.root.join("staging").join(name);
         let out_dir = root.join("out");
         fs_err::create_dir_all(&out_dir)?;
         Ok(Staging { key: *key, root, out_dir })
@@ -213,18 +235,29 @@ impl Store for LocalStore {
 
     fn list(&self) -> Result<Vec<Manifest>, StoreError> {
         let mut out = Vec::new();
-        for entry in fs_err::read_dir(self.root.join("artifacts"))? {
-            if let Some(manifest) = self.read_manifest(&entry?.path())? {
-                out.push(manifest);
+        for key in self.keys()? {
+            if let Found::Manifest(manifest) = self.read_manifest(&self.artifact_dir(&key))? {
+                out.push(*manifest);
             }
         }
         out.sort_by(|a, b| a.stage.cmp(&b.stage).then(a.key.cmp(&b.key)));
         Ok(out)
     }
 
+    fn keys(&self) -> Result<Vec<CacheKey>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in fs_err::read_dir(self.root.join("artifacts"))? {
+            if let Some(key) = entry?.file_name().to_str().and_then(CacheKey::parse) {
+                keys.push(key);
+            }
+        }
+        keys.sort_by_key(CacheKey::to_hex);
+        Ok(keys)
+    }
+
     fn remove(&self, key: &CacheKey) -> Result<u64, StoreError> {
         let dir = self.artifact_dir(key);
-        let size = self.read_manifest(&dir)?.map(|m| m.total_size()).unwrap_or(0);
+        let size = folder_size(&dir);
         if dir.exists() {
             self.discard(&dir)?;
         }
@@ -233,7 +266,7 @@ impl Store for LocalStore {
 
     fn verify(&self, key: &CacheKey) -> Result<Option<String>, StoreError> {
         let dir = self.artifact_dir(key);
-        let Some(manifest) = self.read_manifest(&dir)? else {
+        let Found::Manifest(manifest) = self.read_manifest(&dir)? else {
             return Ok(Some("manifest.json".to_string()));
         };
         let found = scan_dir(&dir.join("out"))?;
@@ -291,13 +324,7 @@ impl Store for LocalStore {
             if owner.is_some_and(process_alive) {
                 continue;
             }
-            freed += walkdir::WalkDir::new(&path)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum::<u64>();
+            freed += folder_size(&path);
             let _ = fs_err::remove_dir_all(&path);
         }
         Ok(freed)
@@ -306,6 +333,28 @@ impl Store for LocalStore {
     fn location(&self) -> String {
         self.root.display().to_string()
     }
+
+    fn file_memo(&self) -> PathBuf {
+        self.root.join("files.json")
+    }
+}
+
+/// What is in an artifact's `manifest.json`.
+enum Found {
+    Missing,
+    Unreadable,
+    Manifest(Box<Manifest>),
+}
+
+/// Bytes of the files under `dir`.
+fn folder_size(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Writes a file by writing a sibling temp file and renaming it over.
@@ -360,7 +409,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::open(tmp.path()).unwrap();
         let key = CacheKey(blake3::hash(b"k"));
-        let staging = store.begin(&key).unwrap();
+        let staging = store.begin(&key, false).unwrap();
         std::fs::write(staging.out_dir.join("a.txt"), "hello").unwrap();
         store.commit(staging, manifest(&key)).unwrap();
         (tmp, store, key)
@@ -393,7 +442,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = LocalStore::open(tmp.path()).unwrap();
         let key = CacheKey(blake3::hash(b"k"));
-        let staging = store.begin(&key).unwrap();
+        let staging = store.begin(&key, false).unwrap();
         std::fs::write(staging.out_dir.join("a.txt"), "partial").unwrap();
         drop(staging);
         assert!(matches!(store.lookup(&key).unwrap(), Lookup::Miss));

@@ -82,17 +82,23 @@ pub trait Store: Send + Sync {
     /// Finds a complete artifact and checks its files against the manifest
     /// (cheaply: by size and time, hashing only files that changed).
     fn lookup(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
+    /// Like `lookup`, but leaves a corrupt artifact where it is: for
+    /// commands that only look (`plan`, `show`, `cache gc`).
+    fn peek(&self, key: &CacheKey) -> Result<Lookup, StoreError>;
     /// Blocks until this process owns `key`. `on_wait` is called once if it
     /// has to wait, `on_stale` if a dead process's lock was broken.
     fn lock(&self, key: &CacheKey, events: &dyn LockEvents)
     -> Result<Box<dyn KeyLock>, StoreError>;
-    /// A fresh, empty folder for a stage to write into.
-    fn begin(&self, key: &CacheKey) -> Result<Staging, StoreError>;
+    /// A fresh, empty folder for a stage to write into. `transient` for
+    /// `cache: false` stages, whose outputs are never committed.
+    fn begin(&self, key: &CacheKey, transient: bool) -> Result<Staging, StoreError>;
     /// Hashes the staged files, writes the manifest and moves the artifact
     /// into place in one rename.
     fn commit(&self, staging: Staging, manifest: Manifest) -> Result<Artifact, StoreError>;
-    /// Every stored manifest.
+    /// Every stored manifest that can be read.
     fn list(&self) -> Result<Vec<Manifest>, StoreError>;
+    /// The key of every stored artifact, readable or not.
+    fn keys(&self) -> Result<Vec<CacheKey>, StoreError>;
     /// Removes an artifact; returns the bytes freed.
     fn remove(&self, key: &CacheKey) -> Result<u64, StoreError>;
     /// Rehashes every file of an artifact; returns the first that differs.
@@ -104,6 +110,8 @@ pub trait Store: Send + Sync {
     fn clean_staging(&self) -> Result<u64, StoreError>;
     /// Where the store lives, for messages.
     fn location(&self) -> String;
+    /// The local file that remembers input-file hashes between runs.
+    fn file_memo(&self) -> PathBuf;
 }
 
 /// Callbacks for lock contention, so the CLI can say what is happening.

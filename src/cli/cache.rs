@@ -46,7 +46,7 @@ fn ls(global: &Global) -> miette::Result<ExitCode> {
     for manifest in &manifests {
         total += manifest.total_size();
         table.row(vec![
-            manifest.key[..12].to_string(),
+            short(&manifest.key),
             manifest.stage.clone(),
             manifest.fields.kind.clone(),
             manifest.files.len().to_string(),
@@ -57,6 +57,11 @@ fn ls(global: &Global) -> miette::Result<ExitCode> {
     print!("{}", table.render());
     println!("{} artifacts, {} in {}", manifests.len(), bytes(total), store.location());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first 12 characters of a hex key, whatever the manifest held.
+fn short(key: &str) -> String {
+    key.chars().take(12).collect()
 }
 
 fn age(seconds: u64) -> String {
@@ -92,7 +97,7 @@ fn gc(global: &Global, recipes: &[PathBuf]) -> miette::Result<ExitCode> {
         if let Some(key) = CacheKey::parse(&manifest.key) {
             freed += store.remove(&key).map_err(|err| miette::miette!("{err}"))?;
             removed += 1;
-            println!("removed {} ({})", &manifest.key[..12], manifest.stage);
+            println!("removed {} ({})", short(&manifest.key), manifest.stage);
         }
     }
     freed += store.clean_staging().map_err(|err| miette::miette!("{err}"))?;
@@ -103,23 +108,23 @@ fn gc(global: &Global, recipes: &[PathBuf]) -> miette::Result<ExitCode> {
 fn verify(global: &Global, fix: bool) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, None))?;
     let mut bad = 0;
-    let manifests = store.list().map_err(|err| miette::miette!("{err}"))?;
-    for manifest in &manifests {
-        let Some(key) = CacheKey::parse(&manifest.key) else {
-            continue;
-        };
-        if let Some(file) = store.verify(&key).map_err(|err| miette::miette!("{err}"))? {
+    let stages: std::collections::BTreeMap<String, String> = store
+        .list()
+        .map_err(|err| miette::miette!("{err}"))?
+        .into_iter()
+        .map(|m| (m.key, m.stage))
+        .collect();
+    let keys = store.keys().map_err(|err| miette::miette!("{err}"))?;
+    for key in &keys {
+        if let Some(file) = store.verify(key).map_err(|err| miette::miette!("{err}"))? {
             bad += 1;
-            println!(
-                "corrupt {} ({}): `{file}` does not match its hash",
-                &manifest.key[..12],
-                manifest.stage
-            );
+            let stage = stages.get(&key.to_hex()).map_or("unreadable", String::as_str);
+            println!("corrupt {} ({stage}): `{file}` does not match its hash", key.short());
             if fix {
-                store.remove(&key).map_err(|err| miette::miette!("{err}"))?;
+                store.remove(key).map_err(|err| miette::miette!("{err}"))?;
             }
         }
     }
-    println!("{} artifacts checked, {bad} corrupt", manifests.len());
+    println!("{} artifacts checked, {bad} corrupt", keys.len());
     Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -131,14 +131,24 @@ pub fn verify(global: &Global, args: VerifyArgs) -> miette::Result<ExitCode> {
 
     let mut table = Table::new(&["stage", "result", "detail"]);
     let mut bad = 0;
-    for (index, outcome) in report.outcomes.iter().enumerate() {
+    for outcome in &report.outcomes {
         if !targets.contains(&outcome.name) {
             continue;
         }
-        let (word, detail) = match (&outcome.status, &report.artifacts[index]) {
+        let entry = lock.stages.get(&outcome.name);
+        let stale = match (entry, report.fields.get(&outcome.name)) {
+            (Some(entry), Some(fields)) if entry.key != fields.key().to_hex() => {
+                Some(fields.changes_since(&entry.fields(&lock)).join("; "))
+            }
+            _ => None,
+        };
+        let (word, detail) = match (&outcome.status, &report.artifacts[outcome.index]) {
             (Status::Failed(message), _) => ("failed", message.clone()),
             (Status::Skipped { failed }, _) => ("failed", format!("`{failed}` failed")),
-            (_, Some(artifact)) => match compare(lock.stages.get(&outcome.name), artifact) {
+            _ if stale.is_some() => {
+                ("stale", format!("the lock is stale: {}", stale.unwrap_or_default()))
+            }
+            (_, Some(artifact)) => match compare(entry, artifact) {
                 Verdict::Match => ("match", String::new()),
                 Verdict::Missing => ("missing", "not in the lock".to_string()),
                 Verdict::Differs { file } => ("differs", format!("first differing file: {file}")),

@@ -81,6 +81,7 @@ pub enum GraphFormat {
 }
 
 pub fn main() -> ExitCode {
+    reset_sigpipe();
     let cli = Cli::parse();
     init_tracing(&cli.global);
     miette::set_hook(Box::new(|_| {
@@ -107,6 +108,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Lets `watchfire show | head` end quietly instead of panicking on a
+/// closed pipe, as command-line tools on Unix do.
+fn reset_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; it only
+    // restores the default action of one signal.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn init_tracing(global: &Global) {
     let level = match global.verbose {
         0 => "warn",
@@ -118,6 +129,7 @@ fn init_tracing(global: &Global) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false)
         .init();

@@ -103,7 +103,8 @@ fn print_summary(recipe: &Recipe, report: &RunReport, elapsed: std::time::Durati
         return;
     }
     let mut table = Table::new(&["stage", "kind", "status", "time", "key"]);
-    for (outcome, instance) in report.outcomes.iter().zip(&recipe.instances) {
+    for outcome in &report.outcomes {
+        let instance = &recipe.instances[outcome.index];
         let status = match &outcome.status {
             Status::Skipped { failed } => format!("skipped ({failed} failed)"),
             other => status_word(other).to_string(),

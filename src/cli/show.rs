@@ -75,7 +75,7 @@ pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
 
 fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miette::Result<()> {
     use watchfire::cache::{Lookup, Store};
-    let Lookup::Hit(artifact) = store.lookup(key).map_err(|err| miette::miette!("{err}"))? else {
+    let Lookup::Hit(artifact) = store.peek(key).map_err(|err| miette::miette!("{err}"))? else {
         println!("artifact  missing");
         return Ok(());
     };
@@ -86,7 +86,7 @@ fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miett
     println!("built in  {} ms by watchfire {}", manifest.duration_ms, manifest.watchfire_version);
     let mut table = Table::new(&["file", "size", "blake3"]);
     for file in &manifest.files {
-        table.row(vec![file.path.clone(), bytes(file.size), file.hash[..16].to_string()]);
+        table.row(vec![file.path.clone(), bytes(file.size), file.hash.chars().take(16).collect()]);
     }
     for line in table.render().lines() {
         println!("  {line}");

@@ -36,6 +36,8 @@ pub enum RecipeErrorKind {
     /// A variant overrides a param the recipe does not declare.
     UnknownVariantParam,
     FileNotFound,
+    /// `--variant` names a variant the recipe does not have.
+    UnknownVariant,
     /// A path leaves the project directory (and every allowed data root).
     PathEscapes,
 }
@@ -58,6 +60,7 @@ impl RecipeErrorKind {
             Self::UnusedVariantParam => "watchfire::recipe::unused_variant_param",
             Self::UnknownVariantParam => "watchfire::recipe::unknown_variant_param",
             Self::FileNotFound => "watchfire::recipe::file_not_found",
+            Self::UnknownVariant => "watchfire::recipe::unknown_variant",
             Self::PathEscapes => "watchfire::recipe::path_escapes",
         }
     }

@@ -11,7 +11,7 @@ use miette::NamedSource;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::Value;
 
-use super::error::{RecipeError, RecipeErrorKind as K, did_you_mean};
+use super::error::{RecipeError, RecipeErrorKind, RecipeErrorKind as K, did_you_mean};
 use super::interpolate::Interpolator;
 use super::{ParsedRecipe, Resources, SpanIndex, StageDecl, parse, placed_serde_error};
 use crate::schema::EntitySchema;
@@ -45,8 +45,11 @@ pub struct Recipe {
     pub schema: EntitySchema,
     /// Every stage instance, dependencies before dependents.
     pub instances: Vec<StageInstance>,
-    /// Expanded variant names, `default` first.
+    /// Expanded variant names, `default` first (only the selected ones).
     pub variants: Vec<String>,
+    /// Whether only some instances were kept (`--variant`, named stages):
+    /// then what is missing is elsewhere, not gone.
+    pub partial: bool,
     pub source: NamedSource<Arc<str>>,
     pub spans: SpanIndex,
 }
@@ -81,11 +84,42 @@ pub enum InputBinding {
 }
 
 impl Recipe {
+    /// Keeps only the instances of the named variants. Instance names do
+    /// not change: they were given with every variant in view.
+    fn select_variants(&mut self, wanted: &[String]) -> Result<(), RecipeError> {
+        let matches = |name: &str, want: &str| name == want || name.split('[').next() == Some(want);
+        for want in wanted {
+            if !self.variants.iter().any(|name| matches(name, want)) {
+                let err = RecipeError::new(
+                    RecipeErrorKind::UnknownVariant,
+                    &self.source,
+                    format!("`{}` has no variant `{want}`", self.name),
+                );
+                let names = self.variants.iter().map(String::as_str);
+                return Err(match did_you_mean(want, names) {
+                    Some(best) => err.help(format!("did you mean `{best}`?")),
+                    None => err.help(format!("variants: {}", self.variants.join(", "))),
+                });
+            }
+        }
+        self.variants.retain(|name| wanted.iter().any(|want| matches(name, want)));
+        let selected = self.variants.clone();
+        self.retain_where(|instance| instance.variants.iter().any(|v| selected.contains(v)));
+        Ok(())
+    }
+
     /// Keeps only the named instances and everything they depend on.
     pub fn retain_with_ancestors(&mut self, names: &[String]) {
+        self.retain_where(|instance| names.contains(&instance.name));
+    }
+
+    /// Keeps the instances `keep` accepts and everything they depend on;
+    /// marks the recipe partial.
+    fn retain_where(&mut self, wanted: impl Fn(&StageInstance) -> bool) {
+        self.partial = true;
         let mut keep = vec![false; self.instances.len()];
         for (index, instance) in self.instances.iter().enumerate().rev() {
-            if names.contains(&instance.name) {
+            if wanted(instance) {
                 keep[index] = true;
             }
             if keep[index] {
@@ -117,8 +151,8 @@ impl Recipe {
 /// Reads, parses and resolves the recipe at `path`.
 pub fn load(path: &Path, options: &LoadOptions) -> miette::Result<Recipe> {
     let text = fs_err::read_to_string(path).map_err(|err| miette::miette!("{err}"))?;
-    let abs =
-        std::path::absolute(path).map_err(|err| miette::miette!("{}: {err}", path.display()))?;
+    // The real path: keys and refs must not depend on the way to the recipe.
+    let abs = path.canonicalize().map_err(|err| miette::miette!("{}: {err}", path.display()))?;
     let parsed = parse(&text, &path.display().to_string())?;
     Ok(resolve(parsed, &abs, options)?)
 }
@@ -140,9 +174,10 @@ pub fn resolve(
         instances: Vec::new(),
         by_signature: HashMap::new(),
     };
+    ctx.check_names()?;
     ctx.check_kinds()?;
 
-    let variants = ctx.expand_variants(options)?;
+    let variants = ctx.expand_variants()?;
     let mut used_params = BTreeSet::new();
     for (name, params) in &variants {
         used_params.extend(ctx.add_variant(name, params)?);
@@ -152,7 +187,7 @@ pub fn resolve(
     let Resolver { instances, .. } = ctx;
     let instances = instances.into_iter().map(|draft| draft.finish()).collect();
     let file = &parsed.file;
-    Ok(Recipe {
+    let mut recipe = Recipe {
         name: file.name.clone(),
         path: path.to_path_buf(),
         project_root,
@@ -160,9 +195,14 @@ pub fn resolve(
         schema: file.schema.clone(),
         instances,
         variants: variants.into_iter().map(|(name, _)| name).collect(),
+        partial: false,
         source: parsed.source.clone(),
         spans: parsed.spans,
-    })
+    };
+    if !options.variants.is_empty() {
+        recipe.select_variants(&options.variants)?;
+    }
+    Ok(recipe)
 }
 
 struct Draft {
@@ -196,8 +236,13 @@ type VariantParams = (String, IndexMap<String, Value>);
 
 /// An input reference before it is bound.
 enum Reference {
-    Stage { stage: String, output: Option<String> },
+    Stage {
+        stage: String,
+        output: Option<String>,
+    },
     Path(String),
+    /// A path named inside params (see `Stage::implicit_inputs`).
+    ParamPath(String),
 }
 
 impl<'a> Resolver<'a> {
@@ -211,6 +256,36 @@ impl<'a> Resolver<'a> {
 
     fn stages(&self) -> &'a IndexMap<String, StageDecl> {
         &self.parsed.file.stages
+    }
+
+    /// Stage ids and variant names must not clash with the names watchfire
+    /// derives from them (`stage.output`, `stage@variant`, `sweep[a=1]`).
+    fn check_names(&self) -> Result<(), RecipeError> {
+        for id in self.stages().keys() {
+            let bad =
+                id.is_empty() || id.starts_with('.') || id.contains(['.', '/', '@', '[', ']', ',']);
+            if bad {
+                let span = self.spans().key_or_value(&["stages", id]);
+                return Err(self
+                    .error(K::Invalid, format!("`{id}` cannot be a stage id"))
+                    .label(span, "invalid stage id")
+                    .help("stage ids may not be empty, start with `.`, or contain `. / @ [ ] ,`"));
+            }
+        }
+        for name in self.parsed.file.variants.keys() {
+            let bad =
+                name == DEFAULT_VARIANT || name.is_empty() || name.contains(['@', '[', ']', ',']);
+            if bad {
+                let span = self.spans().key_or_value(&["variants", name]);
+                return Err(self
+                    .error(K::Invalid, format!("`{name}` cannot be a variant name"))
+                    .label(span, "invalid variant name")
+                    .help(
+                        "`default` is the recipe's own params; names may not contain `@ [ ] ,`",
+                    ));
+            }
+        }
+        Ok(())
     }
 
     fn check_kinds(&mut self) -> Result<(), RecipeError> {
@@ -231,7 +306,7 @@ impl<'a> Resolver<'a> {
     }
 
     /// Variant name -> its full params, `default` first.
-    fn expand_variants(&self, options: &LoadOptions) -> Result<Vec<VariantParams>, RecipeError> {
+    fn expand_variants(&self) -> Result<Vec<VariantParams>, RecipeError> {
         let base = &self.parsed.file.params;
         let mut out = vec![(DEFAULT_VARIANT.to_string(), base.clone())];
         for (name, decl) in &self.parsed.file.variants {
@@ -291,14 +366,6 @@ impl<'a> Resolver<'a> {
                 out.push((full, params));
             }
         }
-        if !options.variants.is_empty() {
-            out.retain(|(name, _)| {
-                options
-                    .variants
-                    .iter()
-                    .any(|want| name == want || name.split('[').next() == Some(want))
-            });
-        }
         Ok(out)
     }
 
@@ -337,7 +404,10 @@ impl<'a> Resolver<'a> {
         let mut resolved: IndexMap<String, (Value, IndexMap<String, Reference>)> = IndexMap::new();
         for (id, decl) in self.stages() {
             let stage_params = self.stage_params(&mut interp, id, decl)?;
-            let refs = self.stage_refs(&mut interp, id, decl)?;
+            let mut refs = self.stage_refs(&mut interp, id, decl)?;
+            for (slot, path) in self.kinds[id].implicit_inputs(&stage_params) {
+                refs.entry(slot).or_insert(Reference::ParamPath(path));
+            }
             resolved.insert(id.clone(), (stage_params, refs));
         }
         let order = self.topological_order(&resolved)?;
@@ -352,7 +422,8 @@ impl<'a> Resolver<'a> {
                         let file = output.as_ref().map(|stem| self.output_file(stage, stem));
                         InputBinding::Stage { instance: instance_of[stage], output: file }
                     }
-                    Reference::Path(path) => self.bind_path(&id, slot, path)?,
+                    Reference::Path(path) => self.bind_path(&id, slot, path, "inputs")?,
+                    Reference::ParamPath(path) => self.bind_path(&id, slot, path, "params")?,
                 };
                 inputs.insert(slot.clone(), binding);
             }
@@ -520,18 +591,22 @@ impl<'a> Resolver<'a> {
         file.map(|f| f.to_string()).unwrap_or_else(|| output_stem.to_string())
     }
 
-    fn bind_path(&self, id: &str, slot: &str, text: &str) -> Result<InputBinding, RecipeError> {
-        let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
+    /// Binds a project path; `section` (`inputs` or `params`) is where the
+    /// recipe wrote it, for the error span.
+    fn bind_path(
+        &self,
+        id: &str,
+        slot: &str,
+        text: &str,
+        section: &str,
+    ) -> Result<InputBinding, RecipeError> {
+        let span = self.spans().value_or_ancestor(&["stages", id, section, slot]);
         let joined = normalize(&self.recipe_dir.join(text));
-        let display = match joined.strip_prefix(&self.project_root) {
-            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
-            Err(_) => text.to_string(),
-        };
         let Ok(real) = joined.canonicalize() else {
             return Err(self
                 .error(
                     K::FileNotFound,
-                    format!("input `{slot}` of stage `{id}`: `{display}` does not exist"),
+                    format!("input `{slot}` of stage `{id}`: `{text}` does not exist"),
                 )
                 .label(span, "no such file or folder")
                 .help(format!(
@@ -551,7 +626,40 @@ impl<'a> Resolver<'a> {
                     self.project_root.display()
                 )));
         }
+        if let Some(link) = self.link_out_of_roots(&real) {
+            return Err(self
+                .error(
+                    K::PathEscapes,
+                    format!("input `{slot}` of stage `{id}`: `{text}` links outside the project"),
+                )
+                .label(span, format!("`{}` points outside", link.display()))
+                .help(
+                    "copy the file into the project, or allow its folder with `--data-root DIR`",
+                ));
+        }
+        // Shown and hashed relative to the project, so keys do not depend
+        // on where the project is checked out.
+        let display = match real.strip_prefix(&self.project_root) {
+            Ok(rel) if rel.as_os_str().is_empty() => ".".to_string(),
+            Ok(rel) => rel.to_string_lossy().replace('\\', "/"),
+            Err(_) => text.to_string(),
+        };
         Ok(InputBinding::Path { display, abs: real })
+    }
+
+    /// A symbolic link inside folder `dir` whose target leaves every root.
+    fn link_out_of_roots(&self, dir: &Path) -> Option<PathBuf> {
+        if !dir.is_dir() {
+            return None;
+        }
+        walkdir::WalkDir::new(dir).into_iter().flatten().find_map(|entry| {
+            if !entry.path_is_symlink() {
+                return None;
+            }
+            let target = entry.path().canonicalize().ok()?;
+            let inside = self.roots.iter().any(|root| target.starts_with(root));
+            (!inside).then(|| entry.path().to_path_buf())
+        })
     }
 
     fn topological_order(
