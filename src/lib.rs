@@ -6,6 +6,7 @@ pub mod corpus;
 pub mod executor;
 pub mod graph;
 pub mod lock;
+pub mod model;
 pub mod plan;
 pub mod progress;
 pub mod recipe;

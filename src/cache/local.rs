@@ -62,7 +62,8 @@ impl LocalStore {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Missing),
             Err(err) => return Err(fs_err_io(err, &path)),
         };
-        Ok(serde_json::from_slice(&bytes).map_or(Found::Unreadable, |m| Found::Manifest(Box::new(m))))
+        Ok(serde_json::from_slice(&bytes)
+            .map_or(Found::Unreadable, |m| Found::Manifest(Box::new(m))))
     }
 
     /// Moves an artifact out of `artifacts/` in one rename, then deletes it.
@@ -88,7 +89,8 @@ impl LocalStore {
             Found::Manifest(manifest) => match self.check_files(&dir, &manifest)? {
                 Some(file) => file,
                 None => {
-                    let artifact = Artifact { key: *key, dir: dir.join("out"), manifest: *manifest };
+                    let artifact =
+                        Artifact { key: *key, dir: dir.join("out"), manifest: *manifest };
                     return Ok(Lookup::Hit(Box::new(artifact)));
                 }
             },

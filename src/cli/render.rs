@@ -66,6 +66,10 @@ impl Reporter for CliReporter {
         let bar = bars.add(bar.with_style(style).with_prefix(stage.to_string()));
         Progress::new(Arc::new(Bar(bar)))
     }
+
+    fn notice(&self, stage: &str, message: &str) {
+        self.println(&format!("note: `{stage}`: {message}"));
+    }
 }
 
 /// Prints notices (always) and keys (at `-vv`).

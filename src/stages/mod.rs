@@ -2,6 +2,7 @@
 
 pub mod detail;
 pub mod filter;
+pub mod model;
 pub mod scene;
 pub mod seed;
 
@@ -13,4 +14,5 @@ pub static ALL: &[&dyn StageKind] = &[
     &Erased::<scene::Scene>::NEW,
     &Erased::<detail::Detail>::NEW,
     &Erased::<filter::Filter>::NEW,
+    &Erased::<model::Model>::NEW,
 ];
