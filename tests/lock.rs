@@ -112,3 +112,20 @@ fn frozen_refuses_keys_missing_from_the_lock() {
     assert!(!stderr.contains("stage `scene` refused"), "{stderr}");
     assert_eq!(project.read(LOCK), lock, "--frozen never rewrites the lock");
 }
+
+#[test]
+fn the_lock_records_model_pins() {
+    let project = Project::new();
+    project.write("recipes/models/tiny.gguf", "not really a model, but bytes to pin");
+    project.write(
+        "recipes/m.yaml",
+        "name: m\nstages:\n  base:\n    kind: model\n    params:\n      source: path:models/tiny.gguf\n",
+    );
+    project.ok(&["run", "recipes/m.yaml"]);
+    let lock = project.read("recipes/m.lock");
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"not really a model, but bytes to pin"))
+    };
+    assert!(lock.contains(&format!("models:\n  path:models/tiny.gguf: sha256:{sha}\n")), "{lock}");
+}

@@ -44,6 +44,9 @@ pub fn update_lock(
         };
         let entry = LockEntry::new(fields, artifact, instance.kind.deterministic());
         lock.stages.insert(instance.name.clone(), entry);
+        if let Some((source, pin)) = model_pin(artifact) {
+            lock.models.insert(source, pin);
+        }
     }
     if partial && let Some(old) = &old {
         for (name, entry) in &old.stages {
@@ -54,6 +57,18 @@ pub fn update_lock(
         lock.write(path).map_err(|err| miette::miette!("{}: {err}", path.display()))?;
     }
     Ok(())
+}
+
+/// The source and sha256 a `model` stage recorded in its `source.json`.
+fn model_pin(artifact: &watchfire::cache::Artifact) -> Option<(String, String)> {
+    if artifact.manifest.fields.kind != "model" {
+        return None;
+    }
+    let bytes = std::fs::read(artifact.dir.join("source.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let source = json.get("source")?.as_str()?.to_string();
+    let sha256 = json.get("sha256")?.as_str()?;
+    Some((source, format!("sha256:{sha256}")))
 }
 
 /// `plan --locked`: every key must be the locked one.
