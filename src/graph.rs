@@ -19,14 +19,8 @@ pub fn to_dot(recipe: &Recipe) -> String {
         let label = format!("{}\n{}", instance.name, instance.kind.kind());
         let _ = writeln!(out, "  s{index} [label={}];", quote(&label));
     }
-    for (index, instance) in recipe.instances.iter().enumerate() {
-        for (slot, binding) in &instance.inputs {
-            let from = match binding {
-                InputBinding::Stage { instance, .. } => format!("s{instance}"),
-                InputBinding::Path { display, .. } => files[display].clone(),
-            };
-            let _ = writeln!(out, "  {from} -> s{index} [label={}];", quote(slot));
-        }
+    for (from, to, slot) in edges(recipe, &files) {
+        let _ = writeln!(out, "  {from} -> s{to} [label={}];", quote(slot));
     }
     out.push_str("}\n");
     out
@@ -43,13 +37,25 @@ pub fn to_mermaid(recipe: &Recipe) -> String {
         let _ =
             writeln!(out, "  s{index}[\"{}<br/><i>{}</i>\"]", instance.name, instance.kind.kind());
     }
+    for (from, to, slot) in edges(recipe, &files) {
+        let _ = writeln!(out, "  {from} -->|{slot}| s{to}");
+    }
+    out
+}
+
+/// Every edge: source node id, target instance index, input slot.
+fn edges<'a>(
+    recipe: &'a Recipe,
+    files: &BTreeMap<String, String>,
+) -> Vec<(String, usize, &'a str)> {
+    let mut out = Vec::new();
     for (index, instance) in recipe.instances.iter().enumerate() {
         for (slot, binding) in &instance.inputs {
             let from = match binding {
                 InputBinding::Stage { instance, .. } => format!("s{instance}"),
                 InputBinding::Path { display, .. } => files[display].clone(),
             };
-            let _ = writeln!(out, "  {from} -->|{slot}| s{index}");
+            out.push((from, index, slot.as_str()));
         }
     }
     out

@@ -38,6 +38,13 @@ pub enum Status {
     Refused(String),
 }
 
+impl Status {
+    /// Whether the instance has no artifact because something went wrong.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Self::Failed(_) | Self::Skipped { .. } | Self::Refused(_))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Outcome {
     /// The instance's index in [`Recipe::instances`].
@@ -62,9 +69,7 @@ pub struct RunReport {
 
 impl RunReport {
     pub fn failed(&self) -> bool {
-        self.outcomes.iter().any(|o| {
-            matches!(o.status, Status::Failed(_) | Status::Skipped { .. } | Status::Refused(_))
-        })
+        self.outcomes.iter().any(|o| o.status.is_failure())
     }
 
     pub fn ran(&self) -> usize {
@@ -449,12 +454,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn failed_name(outcomes: &[Option<Outcome>], dep: usize) -> Option<String> {
-    match outcomes[dep].as_ref()?.status {
-        Status::Failed(_) | Status::Skipped { .. } | Status::Refused(_) => {
-            outcomes[dep].as_ref().map(|o| o.name.clone())
-        }
-        _ => None,
-    }
+    let outcome = outcomes[dep].as_ref()?;
+    outcome.status.is_failure().then(|| outcome.name.clone())
 }
 
 /// Worker side: lock the key, build unless another process just did, commit.

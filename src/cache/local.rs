@@ -301,19 +301,6 @@ impl Store for LocalStore {
         Ok(())
     }
 
-    fn all_refs(&self) -> Result<Vec<RecipeRefs>, StoreError> {
-        let mut out = Vec::new();
-        for entry in fs_err::read_dir(self.root.join("refs"))? {
-            let path = entry?.path();
-            let bytes = fs_err::read(&path)?;
-            out.push(
-                serde_json::from_slice(&bytes)
-                    .map_err(|source| StoreError::Manifest { path, source })?,
-            );
-        }
-        Ok(out)
-    }
-
     fn clean_staging(&self) -> Result<u64, StoreError> {
         let mut freed = 0;
         for entry in fs_err::read_dir(self.root.join("staging"))? {

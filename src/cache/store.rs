@@ -1,6 +1,7 @@
 //! The store interface the scheduler talks to. [`LocalStore`] keeps
-//! artifacts on the local file system; a shared (S3-compatible) store
-//! implements the same trait.
+//! artifacts on the local file system; it is the only store today. A shared
+//! (S3-compatible) store would implement the same trait: lookup, a lock per
+//! key, staging, and a commit that makes an artifact appear at once.
 //!
 //! [`LocalStore`]: super::LocalStore
 
@@ -105,7 +106,6 @@ pub trait Store: Send + Sync {
     fn verify(&self, key: &CacheKey) -> Result<Option<String>, StoreError>;
     fn refs(&self, recipe: &Path) -> Result<RecipeRefs, StoreError>;
     fn save_refs(&self, recipe: &Path, refs: &RecipeRefs) -> Result<(), StoreError>;
-    fn all_refs(&self) -> Result<Vec<RecipeRefs>, StoreError>;
     /// Removes staging folders left by killed runs; returns bytes freed.
     fn clean_staging(&self) -> Result<u64, StoreError>;
     /// Where the store lives, for messages.

@@ -52,7 +52,8 @@ pub fn bench(global: &Global, args: BenchArgs) -> miette::Result<ExitCode> {
     println!("{:<44} {}", format!("no-op re-run of {recipe}"), noop.show());
 
     let project = scratch.path().join("many");
-    write_many_stages(&project, args.stages)?;
+    let seed = load(global, &args.recipe, &[])?.project_root.join("recipes/data/seed.jsonl");
+    write_many_stages(&project, &seed, args.stages)?;
     let many = project.join("recipes/many.yaml").to_string_lossy().to_string();
     let plan = time(&exe, &["plan", many.as_str()], &project, args.runs)?;
     println!("{:<44} {}", format!("plan, {} stages, nothing cached", args.stages), plan.show());
@@ -124,12 +125,12 @@ fn time(exe: &Path, args: &[&str], dir: &Path, runs: usize) -> miette::Result<Ti
 
 /// A project with a recipe of `stages` stages: chains of seed -> scene ->
 /// detail -> filter, each chain with its own params so every key differs.
-fn write_many_stages(project: &Path, stages: usize) -> miette::Result<()> {
+fn write_many_stages(project: &Path, seed: &Path, stages: usize) -> miette::Result<()> {
     let io = |err: std::io::Error| miette::miette!("{err}");
     std::fs::create_dir_all(project.join("recipes/data")).map_err(io)?;
     std::fs::write(project.join("watchfire.toml"), "").map_err(io)?;
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/seed.jsonl");
-    std::fs::copy(seed, project.join("recipes/data/seed.jsonl")).map_err(io)?;
+    std::fs::copy(seed, project.join("recipes/data/seed.jsonl"))
+        .map_err(|err| miette::miette!("{}: {err}", seed.display()))?;
     let mut text = String::from("name: many\nseed: 1\nstages:\n");
     let total = stages;
     for chain in 0..total.div_ceil(4) {

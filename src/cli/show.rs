@@ -69,7 +69,7 @@ pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
         (Decision::Cached, None) => {}
     }
     println!("lineage");
-    print_lineage(&recipe, &entries, index, 1);
+    print_lineage(&recipe, &entries, index, 1, &mut vec![false; recipe.instances.len()]);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -96,15 +96,28 @@ fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miett
     Ok(())
 }
 
-fn print_lineage(recipe: &Recipe, entries: &[PlanEntry], index: usize, depth: usize) {
+/// Prints an instance and, the first time it appears, its inputs.
+fn print_lineage(
+    recipe: &Recipe,
+    entries: &[PlanEntry],
+    index: usize,
+    depth: usize,
+    shown: &mut Vec<bool>,
+) {
     let instance = &recipe.instances[index];
     let key = entries[index].key.map(|k| k.short()).unwrap_or_else(|| "(not built)".to_string());
-    println!("{}{} [{}] {key}", "  ".repeat(depth), instance.name, instance.kind.kind());
+    let indent = "  ".repeat(depth);
+    if shown[index] {
+        println!("{indent}{} [{}] {key} (inputs above)", instance.name, instance.kind.kind());
+        return;
+    }
+    shown[index] = true;
+    println!("{indent}{} [{}] {key}", instance.name, instance.kind.kind());
     for (slot, binding) in &instance.inputs {
         match binding {
             InputBinding::Stage { instance: dep, .. } => {
                 println!("{}<- {slot}:", "  ".repeat(depth + 1));
-                print_lineage(recipe, entries, *dep, depth + 2);
+                print_lineage(recipe, entries, *dep, depth + 2, shown);
             }
             InputBinding::Path { display, .. } => {
                 println!("{}<- {slot}: file {display}", "  ".repeat(depth + 1));

@@ -4,12 +4,19 @@
 //! Differential privacy: every count is of *reports*, with a value counted at
 //! most once per report, so adding or removing one report changes any single
 //! count by at most 1 (sensitivity 1 per bin). Each count gets Laplace noise
-//! of scale `1 / epsilon`, and noisy counts below a threshold are dropped, so
-//! a value seen in only one or two reports rarely survives. Only the keys seen
+//! of scale `1 / epsilon`, and noisy counts below a threshold are dropped. A
+//! value seen in one report survives with probability `exp(-(t - 1) * epsilon)
+//! / 2` for threshold `t` (about 0.18 at epsilon 1 and the default t = 2),
+//! so rare values are thinned out, not removed. Only the keys seen
 //! in the seed are released (a thresholded histogram over an open domain),
 //! which is (epsilon, delta)-private per bin with delta shrinking as the
 //! threshold grows. A report that contributes k distinct values to one
-//! histogram spends k * epsilon there, and the histograms compose. The noise
+//! histogram spends k * epsilon there, and the histograms compose: one report
+//! appears in the scene histogram and in each attribute and value histogram
+//! (per scene and pooled), so the budget a whole report spends is many times
+//! epsilon. Template text is copied from seed sentences and is not covered
+//! at all; `filter`'s `max_copied_ngram` limits that copying but is no
+//! privacy guarantee. The noise
 //! is drawn from a generator seeded by the stage seed, so runs reproduce;
 //! whoever knows the seed can recompute the noise, so keep it private when
 //! the guarantee matters.
