@@ -105,8 +105,7 @@ impl Stage for Detail {
             .map_err(|e| StageError::failed(e.to_string()))?;
 
         let progress = ctx.progress(Some(params.count as u64), "records");
-        let records = generator.generate(ctx.seed, params.count);
-        progress.inc(records.len() as u64);
+        let records = generator.generate_with(ctx.seed, params.count, |n| progress.inc(n));
         let mut stats = DetailStats {
             records: records.len(),
             usable_templates: generator.usable_templates(),

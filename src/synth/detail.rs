@@ -155,8 +155,23 @@ impl Generator {
 
     /// Generates `n` records, ids `syn-0000000` on; same seed, same records.
     pub fn generate(&self, rng_seed: u64, n: usize) -> Vec<Record> {
+        self.generate_with(rng_seed, n, |_| {})
+    }
+
+    /// Like [`generate`](Self::generate), calling `made` with the number of
+    /// records produced since its last call, every 4,096 records and at the end.
+    pub fn generate_with(&self, rng_seed: u64, n: usize, mut made: impl FnMut(u64)) -> Vec<Record> {
+        const CHUNK: usize = 4096;
         let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
-        (0..n).map(|i| self.one(&mut rng, i)).collect()
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(self.one(&mut rng, i));
+            if (i + 1) % CHUNK == 0 {
+                made(CHUNK as u64);
+            }
+        }
+        made((n % CHUNK) as u64);
+        out
     }
 
     fn one(&self, rng: &mut ChaCha8Rng, number: usize) -> Record {
