@@ -178,7 +178,7 @@ fn the_walkthrough_runs_as_written() {
     let plan = String::from_utf8(plan.stdout).unwrap();
     assert!(has_row(&plan, "scene", "scene", "run"), "{plan}");
     assert!(plan.contains("param `templates_per_scene` 40 -> 60"), "{plan}");
-    assert!(plan.contains("waits on `scene`, which will run"), "{plan}");
+    assert!(plan.contains("waits on `scene` (cached if its output is unchanged)"), "{plan}");
     assert_eq!(project.ok(&["run", "-n", first]), plan, "`run -n` prints the plan");
     let run = t.run(&project, "watchfire run recipes/first.yaml");
     let run = String::from_utf8(run.stdout).unwrap();

@@ -162,7 +162,7 @@ fn print_plan(global: &Global, recipe: &Recipe) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, Some(recipe)))?;
     let entries = plan_recipe(recipe, &store).map_err(|err| miette::miette!("cache: {err}"))?;
     let mut table = Table::new(&["stage", "kind", "plan", "why"]);
-    let (mut cached, mut to_run) = (0, 0);
+    let (mut cached, mut to_run, mut waiting) = (0, 0, 0);
     for entry in &entries {
         let (word, why) = match &entry.decision {
             Decision::Cached => {
@@ -174,8 +174,8 @@ fn print_plan(global: &Global, recipe: &Recipe) -> miette::Result<ExitCode> {
                 ("run", reasons.join("; "))
             }
             Decision::Waits(dep) => {
-                to_run += 1;
-                ("run", format!("waits on `{dep}`, which will run"))
+                waiting += 1;
+                ("run", format!("waits on `{dep}` (cached if its output is unchanged)"))
             }
         };
         table.row(vec![entry.name.clone(), entry.kind.clone(), word.to_string(), why]);
@@ -187,6 +187,6 @@ fn print_plan(global: &Global, recipe: &Recipe) -> miette::Result<ExitCode> {
         }
     }
     print!("{}", table.render());
-    println!("{}: {cached} cached, {to_run} to run", recipe.name);
+    println!("{}: {cached} cached, {to_run} to run, {waiting} waiting on them", recipe.name);
     Ok(ExitCode::SUCCESS)
 }
