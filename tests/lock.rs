@@ -129,3 +129,16 @@ fn the_lock_records_model_pins() {
     };
     assert!(lock.contains(&format!("models:\n  path:models/tiny.gguf: sha256:{sha}\n")), "{lock}");
 }
+
+#[test]
+fn the_committed_quickstart_lock_reproduces_on_this_machine() {
+    // recipes/quickstart.lock was written on a development machine; a
+    // rebuild here from scratch must give the same bytes.
+    let project = Project::with_recipe("quickstart.yaml");
+    let lock = std::fs::read_to_string(common::repo().join(LOCK)).unwrap();
+    project.write(LOCK, &lock);
+    let out = project.ok(&["plan", "--locked", QS]);
+    assert!(out.contains("the lock matches the recipe"), "{out}");
+    let out = project.ok(&["verify", QS]);
+    assert!(out.contains("4 stages verified, 0 not matching the lock"), "{out}");
+}
