@@ -103,11 +103,17 @@ impl RecipeError {
         self
     }
 
-    /// Adds a "did you mean" help when `wrong` is close to a candidate.
-    pub fn suggest<'a>(self, wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Self {
+    /// Helps with "did you mean" when `wrong` is close to a candidate, and
+    /// with `otherwise` when none is.
+    pub fn suggest<'a>(
+        self,
+        wrong: &str,
+        candidates: impl IntoIterator<Item = &'a str>,
+        otherwise: impl Into<String>,
+    ) -> Self {
         match did_you_mean(wrong, candidates) {
             Some(best) => self.help(format!("did you mean `{best}`?")),
-            None => self,
+            None => self.help(otherwise),
         }
     }
 

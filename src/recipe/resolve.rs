@@ -96,10 +96,11 @@ impl Recipe {
                     format!("`{}` has no variant `{want}`", self.name),
                 );
                 let names = self.variants.iter().map(String::as_str);
-                return Err(match did_you_mean(want, names) {
-                    Some(best) => err.help(format!("did you mean `{best}`?")),
-                    None => err.help(format!("variants: {}", self.variants.join(", "))),
-                });
+                return Err(err.suggest(
+                    want,
+                    names,
+                    format!("variants: {}", self.variants.join(", ")),
+                ));
             }
         }
         self.variants.retain(|name| wanted.iter().any(|want| matches(name, want)));
@@ -185,7 +186,7 @@ pub fn resolve(
     ctx.check_variant_params(&used_params)?;
 
     let Resolver { instances, .. } = ctx;
-    let instances = instances.into_iter().map(|draft| draft.finish()).collect();
+    let instances = instances.into_iter().map(named).collect();
     let file = &parsed.file;
     let mut recipe = Recipe {
         name: file.name.clone(),
@@ -205,20 +206,15 @@ pub fn resolve(
     Ok(recipe)
 }
 
-struct Draft {
-    instance: StageInstance,
-}
-
-impl Draft {
-    fn finish(mut self) -> StageInstance {
-        let instance = &mut self.instance;
-        instance.name = if instance.variants.iter().any(|v| v == DEFAULT_VARIANT) {
-            instance.stage.clone()
-        } else {
-            format!("{}@{}", instance.stage, instance.variants[0])
-        };
-        self.instance
-    }
+/// Names an instance once every variant has been resolved: the stage id
+/// when the default variant uses it, else `stage@first-variant`.
+fn named(mut instance: StageInstance) -> StageInstance {
+    instance.name = if instance.variants.iter().any(|v| v == DEFAULT_VARIANT) {
+        instance.stage.clone()
+    } else {
+        format!("{}@{}", instance.stage, instance.variants[0])
+    };
+    instance
 }
 
 struct Resolver<'a> {
@@ -227,7 +223,7 @@ struct Resolver<'a> {
     project_root: PathBuf,
     roots: Vec<PathBuf>,
     kinds: HashMap<String, &'static dyn StageKind>,
-    instances: Vec<Draft>,
+    instances: Vec<StageInstance>,
     by_signature: HashMap<blake3::Hash, usize>,
 }
 
@@ -295,10 +291,8 @@ impl<'a> Resolver<'a> {
                 let err = self
                     .error(K::UnknownKind, format!("stage `{id}` has unknown kind `{}`", decl.kind))
                     .label(self.spans().value_or_ancestor(&["stages", id, "kind"]), "unknown kind");
-                return Err(match did_you_mean(&decl.kind, names.iter().copied()) {
-                    Some(best) => err.help(format!("did you mean `{best}`?")),
-                    None => err.help(format!("known kinds: {}", names.join(", "))),
-                });
+                let known = format!("known kinds: {}", names.join(", "));
+                return Err(err.suggest(&decl.kind, names.iter().copied(), known));
             };
             self.kinds.insert(id.clone(), kind);
         }
@@ -317,8 +311,11 @@ impl<'a> Resolver<'a> {
                     return Err(self
                         .error(K::UnknownVariantParam, format!("variant `{name}` overrides `{key}`, which the recipe does not declare"))
                         .label(span, "not in the recipe's `params`")
-                        .suggest(key, base.keys().map(String::as_str))
-                        .help_if_none(format!("declare `{key}` under the top-level `params` first")));
+                        .suggest(
+                            key,
+                            base.keys().map(String::as_str),
+                            format!("declare `{key}` under the top-level `params` first"),
+                        ));
                 }
             }
             let size = decl.matrix.values().try_fold(1usize, |n, v| n.checked_mul(v.len()));
@@ -507,10 +504,8 @@ impl<'a> Resolver<'a> {
                         format!("stage `{id}` (kind `{}`) has no input `{slot}`", kind.kind()),
                     )
                     .label(self.spans().key_or_value(&path), "unknown input");
-                return Err(match did_you_mean(slot, slots.iter().copied()) {
-                    Some(best) => err.help(format!("did you mean `{best}`?")),
-                    None => err.help(format!("inputs of `{}`: {}", kind.kind(), slots.join(", "))),
-                });
+                let known = format!("inputs of `{}`: {}", kind.kind(), slots.join(", "));
+                return Err(err.suggest(slot, slots.iter().copied(), known));
             }
             let text = match interp.string(text) {
                 Ok(Value::String(s)) => s,
@@ -559,10 +554,11 @@ impl<'a> Resolver<'a> {
                 )
                 .label(span, "no such stage");
             let ids = self.stages().keys().map(String::as_str);
-            return Err(match did_you_mean(stage, ids) {
-                Some(best) => err.help(format!("did you mean `{best}`?")),
-                None => err.help("a project path must contain `/` or start with `.`"),
-            });
+            return Err(err.suggest(
+                stage,
+                ids,
+                "a project path must contain `/` or start with `.`",
+            ));
         };
         if let Some(output) = output {
             let stems: Vec<&str> = kind.outputs().iter().map(|file| stem(file)).collect();
@@ -708,7 +704,7 @@ impl<'a> Resolver<'a> {
     ) -> usize {
         let signature = signature(id, &params, &inputs);
         if let Some(&index) = self.by_signature.get(&signature) {
-            self.instances[index].instance.variants.push(variant.to_string());
+            self.instances[index].variants.push(variant.to_string());
             return index;
         }
         let decl = &self.stages()[id];
@@ -732,20 +728,10 @@ impl<'a> Resolver<'a> {
             resources: decl.resources,
             cache: decl.cache,
         };
-        self.instances.push(Draft { instance });
+        self.instances.push(instance);
         let index = self.instances.len() - 1;
         self.by_signature.insert(signature, index);
         index
-    }
-}
-
-trait HelpIfNone {
-    fn help_if_none(self, help: String) -> Self;
-}
-
-impl HelpIfNone for RecipeError {
-    fn help_if_none(self, help: String) -> Self {
-        if self.help_text().is_some() { self } else { self.help(help) }
     }
 }
 
