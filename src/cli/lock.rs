@@ -71,6 +71,17 @@ fn model_pin(artifact: &watchfire::cache::Artifact) -> Option<(String, String)> 
     Some((source, format!("sha256:{sha256}")))
 }
 
+/// The lock beside a recipe, or an error saying how to make one.
+pub fn read_lock(path: &Path) -> miette::Result<LockFile> {
+    LockFile::read(path).map_err(|err| miette::miette!("{err}"))?.ok_or_else(|| {
+        miette::miette!(
+            help = "run the recipe once without `--frozen` or `--locked` and commit the lock",
+            "there is no lock file at {}",
+            path.display()
+        )
+    })
+}
+
 /// `plan --locked`: every key must be the locked one.
 pub fn check_locked(global: &Global, recipe: &Recipe, lock: &LockFile) -> miette::Result<ExitCode> {
     let store = open_store(&cache_dir(global, Some(recipe)))?;
@@ -121,9 +132,7 @@ impl RunObserver for Quiet {}
 pub fn verify(global: &Global, args: VerifyArgs) -> miette::Result<ExitCode> {
     let mut recipe = load(global, &args.recipe, &[])?;
     let lock_path = LockFile::path_for(&recipe.path);
-    let lock = LockFile::read(&lock_path)
-        .map_err(|err| miette::miette!("{err}"))?
-        .ok_or_else(|| miette::miette!("there is no lock file at {}", lock_path.display()))?;
+    let lock = read_lock(&lock_path)?;
     let targets: Vec<String> = if args.stages.is_empty() {
         recipe.instances.iter().map(|i| i.name.clone()).collect()
     } else {
@@ -137,8 +146,7 @@ pub fn verify(global: &Global, args: VerifyArgs) -> miette::Result<ExitCode> {
     };
     let scratch = tempfile::tempdir().map_err(|err| miette::miette!("temporary cache: {err}"))?;
     let store = LocalStore::open(scratch.path()).map_err(|err| miette::miette!("{err}"))?;
-    let jobs =
-        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = super::jobs(args.jobs);
     let options = RunOptions { jobs, gpus: 0, policy: None };
     let report =
         watchfire::scheduler::run(&recipe, &store, &LocalExecutor, &NullReporter, &Quiet, &options)

@@ -157,6 +157,11 @@ pub fn cache_dir(global: &Global, recipe: Option<&Recipe>) -> PathBuf {
     }
 }
 
+/// `-j N`, or the number of cores.
+pub fn jobs(requested: Option<usize>) -> usize {
+    requested.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 pub fn open_store(dir: &Path) -> miette::Result<watchfire::cache::LocalStore> {
     watchfire::cache::LocalStore::open(dir)
         .map_err(|err| miette::miette!("cannot open the cache at {}: {err}", dir.display()))

@@ -56,10 +56,9 @@ pub fn run(global: &Global, args: RunArgs) -> miette::Result<ExitCode> {
     super::show::remember_recipe(&store, &recipe);
     let reporter = CliReporter::new(global);
     let observer = CliObserver { reporter: &reporter, verbose: global.verbose };
-    let jobs =
-        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let jobs = super::jobs(args.jobs);
     let lock_path = LockFile::path_for(&recipe.path);
-    let frozen = if args.frozen { Some(Frozen(read_lock(&lock_path)?)) } else { None };
+    let frozen = if args.frozen { Some(Frozen(super::lock::read_lock(&lock_path)?)) } else { None };
     let policy = frozen.as_ref().map(|f| f as &dyn KeyPolicy);
     let options = RunOptions { jobs, gpus: 0, policy };
     let report =
@@ -139,20 +138,10 @@ impl KeyPolicy for Frozen {
     }
 }
 
-fn read_lock(path: &std::path::Path) -> miette::Result<LockFile> {
-    LockFile::read(path).map_err(|err| miette::miette!("{err}"))?.ok_or_else(|| {
-        miette::miette!(
-            help = "run the recipe once without `--frozen` or `--locked` and commit the lock",
-            "there is no lock file at {}",
-            path.display()
-        )
-    })
-}
-
 pub fn plan(global: &Global, args: PlanArgs) -> miette::Result<ExitCode> {
     let recipe = load(global, &args.recipe, &args.variants)?;
     if args.locked {
-        let lock = read_lock(&LockFile::path_for(&recipe.path))?;
+        let lock = super::lock::read_lock(&LockFile::path_for(&recipe.path))?;
         return super::lock::check_locked(global, &recipe, &lock);
     }
     print_plan(global, &recipe)
