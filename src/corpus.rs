@@ -102,13 +102,18 @@ impl CharIndex {
 
 /// Reads a JSONL file of records, naming the 1-based line of any bad one.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, StageError> {
-    let mut records = Vec::new();
+    read_jsonl(path)
+}
+
+/// Reads one JSON value per non-blank line, naming the 1-based line of any bad one.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, StageError> {
+    let mut items = Vec::new();
     for (number, line) in read_lines(path)? {
-        let record = serde_json::from_str(&line)
+        let item = serde_json::from_str(&line)
             .map_err(|err| StageError::data(path, Some(number), err.to_string()))?;
-        records.push(record);
+        items.push(item);
     }
-    Ok(records)
+    Ok(items)
 }
 
 /// The non-blank lines of a text file with their 1-based numbers.

@@ -20,6 +20,8 @@ pub struct Job<'a> {
     pub schema: &'a EntitySchema,
     pub inputs: BTreeMap<String, PathBuf>,
     pub out_dir: PathBuf,
+    /// See [`crate::cache::Store::checkpoints`].
+    pub checkpoints: PathBuf,
 }
 
 pub trait Executor: Send + Sync {
@@ -38,6 +40,7 @@ impl Executor for LocalExecutor {
             schema: job.schema,
             inputs: &job.inputs,
             out_dir: &job.out_dir,
+            checkpoints: &job.checkpoints,
             reporter,
         };
         let _span =

@@ -491,6 +491,7 @@ fn build(
         schema: &recipe.schema,
         inputs,
         out_dir: staging.out_dir.clone(),
+        checkpoints: store.checkpoints(&key),
     };
     executor.execute(&job, reporter).map_err(|err| err.to_string())?;
     let manifest = Manifest {

@@ -112,6 +112,14 @@ pub trait Stage: Send + Sync + 'static {
     fn implicit_inputs(_params: &Self::Params) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// Checks which input slots the recipe bound against the params, for
+    /// optional slots that only some params read (`model` with
+    /// `backend: llm`). `bound` names every slot given; the error's `param`
+    /// names the slot at fault.
+    fn check_inputs(_params: &Self::Params, _bound: &[&str]) -> Result<(), ParamError> {
+        Ok(())
+    }
 }
 
 /// What a running stage can see: its inputs, its output directory, its seed.
@@ -128,6 +136,10 @@ pub struct StageContext<'a> {
     pub inputs: &'a BTreeMap<String, PathBuf>,
     /// Empty directory the stage writes its outputs into.
     pub out_dir: &'a Path,
+    /// Where a long stage keeps checkpoints: it survives a failed or killed
+    /// run of the same cache key and is removed once the key is committed.
+    /// Created by the stage if it uses it.
+    pub checkpoints: &'a Path,
     pub reporter: &'a dyn Reporter,
 }
 
@@ -184,6 +196,8 @@ pub trait StageKind: Send + Sync {
     fn run(&self, params: &serde_json::Value, ctx: &StageContext<'_>) -> Result<(), StageError>;
     /// See [`Stage::implicit_inputs`]; `params` are resolved params.
     fn implicit_inputs(&self, params: &serde_json::Value) -> Vec<(String, String)>;
+    /// See [`Stage::check_inputs`]; `params` are resolved params.
+    fn check_inputs(&self, params: &serde_json::Value, bound: &[&str]) -> Result<(), ParamError>;
 }
 
 /// A parameter problem, before it is placed in the recipe's source.
@@ -244,6 +258,7 @@ impl<S: Stage> StageKind for Erased<S> {
         })?;
         typed.validate().map_err(ParamIssue::Range)?;
         serde_json::to_value(&typed)
+            .map(crate::cache::canonical)
             .map_err(|err| ParamIssue::Parse { path: Vec::new(), message: err.to_string() })
     }
 
@@ -256,6 +271,13 @@ impl<S: Stage> StageKind for Erased<S> {
         serde_json::from_value::<S::Params>(params.clone())
             .map(|typed| S::implicit_inputs(&typed))
             .unwrap_or_default()
+    }
+
+    fn check_inputs(&self, params: &serde_json::Value, bound: &[&str]) -> Result<(), ParamError> {
+        match serde_json::from_value::<S::Params>(params.clone()) {
+            Ok(typed) => S::check_inputs(&typed, bound),
+            Err(_) => Ok(()),
+        }
     }
 }
 

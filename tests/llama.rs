@@ -12,8 +12,13 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use watchfire::model::config::LlamaConfig;
+use watchfire::model::generate::{Sampling, Stop, generate};
 use watchfire::model::gguf::{hf_name, load_gguf, unpermute_rope_rows};
-use watchfire::model::llama::{ForwardOptions, KvPrefix, Llama, Projection, ProjectionHook};
+use watchfire::model::llama::{
+    ForwardOptions, KvCache, KvPrefix, Llama, Projection, ProjectionHook,
+};
+use watchfire::model::load::{LoadedModel, load};
+use watchfire::model::score::{self, ScoreOptions};
 use watchfire::model::source::{ModelSource, Pin, fetch};
 use watchfire::model::tokenizer::{ChatMessage, chatml, tokenizer_from_gguf};
 
@@ -83,7 +88,8 @@ fn ids(rows: &[&[u32]]) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    diff.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
 }
 
 fn logits(model: &Llama, ids: &Tensor, opts: &ForwardOptions) -> Tensor {
@@ -290,7 +296,7 @@ fn gradients_match_finite_differences() {
             attention_mask: Some(&mask),
             hook: Some(&hook),
             prefix: Some(&prefix),
-            hidden_layers: &[],
+            ..Default::default()
         };
         let logits = model.forward(&input, &opts).unwrap().logits.reshape((12, 32)).unwrap();
         candle_nn::loss::cross_entropy(&logits, &targets).unwrap()
@@ -368,6 +374,166 @@ fn gguf_rope_rows_are_unpermuted() {
     );
     assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
     assert_eq!(hf_name("rope_freqs.weight"), None);
+}
+
+#[test]
+fn cached_decoding_matches_the_full_forward_pass() {
+    let config = tiny_config(2);
+    let model = tiny_model(&config, 5);
+    let (keys, values) = random_prefix(&config, 3, 9);
+    let prefix = KvPrefix::new(keys, values).unwrap();
+    let sequence: [u32; 9] = [3, 1, 4, 1, 5, 9, 2, 6, 5];
+    for prefix in [None, Some(&prefix)] {
+        let opts = ForwardOptions { prefix, ..Default::default() };
+        let full = logits(&model, &ids(&[&sequence]), &opts);
+        let mut cache = KvCache::new();
+        // The prompt in one pass, then one token at a time.
+        let mut pieces = vec![model.forward_cached(&ids(&[&sequence[..5]]), &opts, &mut cache)];
+        for token in &sequence[5..] {
+            pieces.push(model.forward_cached(&ids(&[&[*token]]), &opts, &mut cache));
+        }
+        assert_eq!(cache.len(), sequence.len());
+        let pieces: Vec<Tensor> = pieces.into_iter().map(|p| p.unwrap().logits).collect();
+        let cached = Tensor::cat(&pieces, 1).unwrap();
+        let diff = max_abs_diff(&full, &cached);
+        assert!(diff < 1e-10, "cached logits differ by {diff} (prefix: {})", prefix.is_some());
+    }
+}
+
+#[test]
+fn fused_inference_kernels_match_the_differentiable_ops() {
+    let config = tiny_config(2);
+    let weights = tiny_weights(&config, 11);
+    let as_f32 = |w: &HashMap<String, Tensor>| -> HashMap<String, Tensor> {
+        w.iter().map(|(k, t)| (k.clone(), t.to_dtype(DType::F32).unwrap())).collect()
+    };
+    let constants = as_f32(&weights);
+    // Variables make every activation track its graph, which selects the
+    // composed, differentiable softmax and RMSNorm.
+    let variables: HashMap<String, Tensor> = constants
+        .iter()
+        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap().as_tensor().clone()))
+        .collect();
+    let fused = Llama::from_tensors(&config, constants, DType::F32, &Device::Cpu).unwrap();
+    let composed = Llama::from_tensors(&config, variables, DType::F32, &Device::Cpu).unwrap();
+    let input = ids(&[&[1, 2, 3, 4, 5, 6], &[7, 8, 9, 10, 0, 0]]);
+    let mask = Tensor::new(&[[1u8, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+    let opts = ForwardOptions { attention_mask: Some(&mask), ..Default::default() };
+    let a = logits(&fused, &input, &opts);
+    let b = logits(&composed, &input, &opts);
+    assert!(!a.track_op() && b.track_op());
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff < 1e-4, "fused and composed logits differ by {diff}");
+}
+
+#[test]
+fn greedy_generation_follows_the_arg_max_and_stops_at_eos() {
+    let config = tiny_config(1);
+    let model = tiny_model(&config, 3);
+    let prompt = [5u32, 6, 7];
+    let generation =
+        generate(&model, &prompt, 6, &[], &Sampling::greedy(), &Default::default(), |_| {})
+            .unwrap();
+    assert_eq!(generation.stop, Stop::Length);
+    let mut sequence = prompt.to_vec();
+    for (step, token) in generation.tokens.iter().enumerate() {
+        let out = logits(&model, &ids(&[&sequence]), &Default::default());
+        let last = out.i((0, sequence.len() - 1)).unwrap();
+        let expected: u32 = last.argmax(0).unwrap().to_scalar().unwrap();
+        assert_eq!(*token, expected, "step {step}");
+        let logp = candle_nn::ops::log_softmax(&last, 0).unwrap();
+        let expected_logp: f64 = logp.i(expected as usize).unwrap().to_scalar().unwrap();
+        assert!((f64::from(generation.logprobs[step]) - expected_logp).abs() < 1e-5);
+        sequence.push(*token);
+    }
+    // Stopping at the third generated token leaves the first two.
+    let eos = [generation.tokens[2]];
+    let stopped =
+        generate(&model, &prompt, 6, &eos, &Sampling::greedy(), &Default::default(), |_| {})
+            .unwrap();
+    assert_eq!(stopped.stop, Stop::Eos);
+    assert_eq!(stopped.tokens, generation.tokens[..2]);
+
+    let sampling = Sampling { temperature: 1.0, top_k: Some(5), top_p: Some(0.95), seed: 4 };
+    let run = || generate(&model, &prompt, 8, &[], &sampling, &Default::default(), |_| {});
+    assert_eq!(run().unwrap().tokens, run().unwrap().tokens);
+}
+
+/// A word-level tokenizer over the tiny model's 32 ids.
+fn tiny_tokenizer() -> tokenizers::Tokenizer {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    let vocab = (0..32).map(|i| (format!("w{i}"), i)).collect();
+    let model = WordLevel::builder().vocab(vocab).unk_token("w0".into()).build().unwrap();
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+    tokenizer
+}
+
+#[test]
+fn an_exported_folder_loads_back_to_the_same_model() {
+    let config = tiny_config(2);
+    let weights = tiny_weights(&config, 21);
+    let loaded =
+        LoadedModel::from_parts(&config, weights, tiny_tokenizer(), None, DType::F32, &Device::Cpu)
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let written = loaded.export(dir.path()).unwrap();
+    let names: Vec<String> =
+        written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json"
+        ]
+    );
+    let again = load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(again.config().hidden_size, config.hidden_size);
+    assert_eq!(again.config().num_kv_heads(), 2);
+    let input = ids(&[&[1, 2, 3, 4]]);
+    let a = logits(&loaded.model, &input, &Default::default());
+    let b = logits(&again.model, &input, &Default::default());
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let encoded = again.tokenizer.encode("w3 w7", false).unwrap();
+    assert_eq!(encoded.get_ids(), [3, 7]);
+
+    // The same model exports to the same bytes.
+    let second = tempfile::tempdir().unwrap();
+    again.export(second.path()).unwrap();
+    for name in &names {
+        let first = fs_err::read(dir.path().join(name)).unwrap();
+        let other = fs_err::read(second.path().join(name)).unwrap();
+        assert!(first == other, "{name} differs between two exports");
+    }
+}
+
+#[test]
+fn windowed_scoring_matches_one_pass_when_the_window_covers_the_text() {
+    let config = tiny_config(2);
+    let model = tiny_model(&config, 8);
+    let docs: Vec<Vec<u32>> = vec![(0..20).map(|i| (i * 7 % 32) as u32).collect(), vec![4, 5, 6]];
+    let whole = ScoreOptions { window: 64, stride: 32, batch: 2 };
+    let scores = score::score(&model, &docs, &whole, |_| {}).unwrap();
+    // By hand: the summed log-probability of each next token.
+    for (doc, tokens) in docs.iter().enumerate() {
+        let out = logits(&model, &ids(&[tokens]), &Default::default());
+        let logp = candle_nn::ops::log_softmax(&out.i(0).unwrap(), 1).unwrap();
+        let nll: f64 = (1..tokens.len())
+            .map(|j| -logp.i((j - 1, tokens[j] as usize)).unwrap().to_scalar::<f64>().unwrap())
+            .sum();
+        assert_eq!(scores[doc].tokens, tokens.len() - 1);
+        assert!((scores[doc].nll - nll).abs() < 1e-9, "doc {doc}: {} vs {nll}", scores[doc].nll);
+    }
+    // Smaller windows score the same tokens, with less context.
+    let windowed = ScoreOptions { window: 8, stride: 4, batch: 3 };
+    let short = score::score(&model, &docs, &windowed, |_| {}).unwrap();
+    assert_eq!(short[0].tokens, 19);
+    assert!((short[1].nll - scores[1].nll).abs() < 1e-9, "a short document is unaffected");
+    assert!((short[0].nll - scores[0].nll).abs() > 1e-6, "less context changes the figure");
 }
 
 /// Fetches SmolLM2-135M-Instruct's GGUF into a cache folder under the temp

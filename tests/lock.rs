@@ -73,7 +73,7 @@ fn verify_passes_and_then_names_a_tampered_stage() {
     // Only the named stage (and what it needs) is rebuilt and compared.
     let out = project.run(&["verify", QS, "seed"]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 stages verified, 0 not matching"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 stage verified, 0 not matching"));
 }
 
 #[test]

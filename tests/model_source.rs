@@ -57,6 +57,7 @@ fn run_stage(
         schema: &EntitySchema::default(),
         inputs: &inputs,
         out_dir: &out,
+        checkpoints: &dir.join("checkpoints"),
         reporter: &notices,
     };
     Model::run(&params, &ctx)?;

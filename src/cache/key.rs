@@ -76,6 +76,22 @@ impl fmt::Display for CacheKey {
     }
 }
 
+/// `value` with the keys of every object in sorted order. Keys hash params
+/// as JSON text, so the order must not depend on how a map was built: some
+/// dependencies switch on serde_json's `preserve_order`, under which a map
+/// keeps insertion (field declaration) order instead of sorting.
+pub fn canonical(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, canonical(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
+        other => other,
+    }
+}
+
 impl KeyFields {
     pub fn key(&self) -> CacheKey {
         // Serializing plain data into a Vec cannot fail.
@@ -159,6 +175,18 @@ fn diff_values(what: &str, path: &str, old: &Value, new: &Value, out: &mut Vec<S
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn canonical_sorts_keys_at_every_depth() {
+        let mut inner = serde_json::Map::new();
+        inner.insert("z".into(), json!(1));
+        inner.insert("a".into(), json!([{"y": 1, "b": 2}]));
+        let mut outer = serde_json::Map::new();
+        outer.insert("m".into(), Value::Object(inner));
+        outer.insert("c".into(), json!(0));
+        let text = serde_json::to_string(&canonical(Value::Object(outer))).unwrap();
+        assert_eq!(text, r#"{"c":0,"m":{"a":[{"b":2,"y":1}],"z":1}}"#);
+    }
 
     fn fields() -> KeyFields {
         KeyFields {

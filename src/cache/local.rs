@@ -232,6 +232,10 @@ impl Store for LocalStore {
         }
         fs_err::rename(&staging.root, &dest)?;
         File::open(self.root.join("artifacts"))?.sync_all()?;
+        let checkpoints = self.checkpoints(&staging.key);
+        if checkpoints.exists() {
+            let _ = fs_err::remove_dir_all(&checkpoints);
+        }
         Ok(Artifact { key: staging.key, dir: dest.join("out"), manifest })
     }
 
@@ -325,6 +329,10 @@ impl Store for LocalStore {
 
     fn file_memo(&self) -> PathBuf {
         self.root.join("files.json")
+    }
+
+    fn checkpoints(&self, key: &CacheKey) -> PathBuf {
+        self.root.join("checkpoints").join(key.to_hex())
     }
 }
 

@@ -7,7 +7,7 @@ mod manifest;
 mod store;
 
 pub use files::FileHashes;
-pub use key::{CacheKey, InputKey, KeyFields, WATCHFIRE_VERSION};
+pub use key::{CacheKey, InputKey, KeyFields, WATCHFIRE_VERSION, canonical};
 pub use local::{FORMAT, LocalStore, write_atomic};
 pub use manifest::{FileEntry, Manifest, hash_entries, hash_file, scan_dir};
 pub use store::{

@@ -112,6 +112,10 @@ pub trait Store: Send + Sync {
     fn location(&self) -> String;
     /// The local file that remembers input-file hashes between runs.
     fn file_memo(&self) -> PathBuf;
+    /// A folder for `key`'s checkpoints that outlives a failed or killed
+    /// run, so the next run of the same key resumes; committing the key
+    /// removes it. Not created until a stage writes to it.
+    fn checkpoints(&self, key: &CacheKey) -> PathBuf;
 }
 
 /// Callbacks for lock contention, so the CLI can say what is happening.

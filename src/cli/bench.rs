@@ -6,6 +6,8 @@
 //!   checked by size and time, every input file by its memoised hash).
 //! - plan of a generated 1,000-stage recipe, cold and fully cached.
 //! - template generation: records per second on one core.
+//!
+//! `watchfire bench model` measures the model instead; see [`super::bench_model`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -22,7 +24,10 @@ use super::render::duration;
 use super::{Global, load, open_store};
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: Option<BenchWhat>,
     /// The recipe whose no-op re-run is timed.
     #[arg(long, default_value = "recipes/quickstart.yaml")]
     pub recipe: PathBuf,
@@ -37,7 +42,22 @@ pub struct BenchArgs {
     pub records: usize,
 }
 
+#[derive(clap::Subcommand)]
+pub enum BenchWhat {
+    /// Our model against mistralrs on the same weights: load time, forward
+    /// and decode tokens/s, peak memory.
+    Model(super::bench_model::BenchModelArgs),
+    /// Training tokens/s, trainable parameters, optimizer state and peak
+    /// memory of selective LoRA, standard LoRA and full fine-tuning.
+    Train(super::bench_train::BenchTrainArgs),
+}
+
 pub fn bench(global: &Global, args: BenchArgs) -> miette::Result<ExitCode> {
+    match args.what {
+        Some(BenchWhat::Model(model)) => return super::bench_model::bench_model(global, model),
+        Some(BenchWhat::Train(train)) => return super::bench_train::bench_train(global, train),
+        None => {}
+    }
     let exe = std::env::current_exe().map_err(|err| miette::miette!("{err}"))?;
     let scratch = tempfile::tempdir().map_err(|err| miette::miette!("{err}"))?;
     println!("watchfire {} bench ({} runs each)", env!("CARGO_PKG_VERSION"), args.runs);

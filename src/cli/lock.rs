@@ -187,6 +187,11 @@ pub fn verify(global: &Global, args: VerifyArgs) -> miette::Result<ExitCode> {
     if !global.quiet {
         print!("{}", table.render());
     }
-    println!("{}: {} stages verified, {bad} not matching the lock", recipe.name, targets.len());
+    let plural = if targets.len() == 1 { "" } else { "s" };
+    println!(
+        "{}: {} stage{plural} verified, {bad} not matching the lock",
+        recipe.name,
+        targets.len()
+    );
     Ok(if bad == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

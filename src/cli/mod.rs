@@ -1,8 +1,11 @@
 //! Argument parsing and one function per subcommand.
 
 mod bench;
+mod bench_model;
+mod bench_train;
 mod cache;
 mod lock;
+mod model;
 mod render;
 mod run;
 mod show;
@@ -62,6 +65,12 @@ pub enum Command {
     Schema,
     /// Measure watchfire's own speed and print the figures.
     Bench(bench::BenchArgs),
+    /// Perplexity of text files under a model.
+    Score(model::ScoreArgs),
+    /// Generate text from a prompt, streaming it to the terminal.
+    Generate(model::GenerateArgs),
+    /// Write a model as a Hugging Face folder (config, safetensors, tokenizer).
+    Export(model::ExportArgs),
 }
 
 #[derive(Args)]
@@ -98,6 +107,9 @@ pub fn main() -> ExitCode {
         Command::Kinds => kinds(),
         Command::Schema => schema(),
         Command::Bench(args) => bench::bench(&cli.global, args),
+        Command::Score(args) => model::score(&cli.global, args),
+        Command::Generate(args) => model::generate(&cli.global, args),
+        Command::Export(args) => model::export(&cli.global, args),
     };
     match result {
         Ok(code) => code,

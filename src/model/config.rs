@@ -1,8 +1,10 @@
 //! [`LlamaConfig`]: the shape of a Llama-family model, read from a Hugging
 //! Face `config.json` or from a GGUF file's `{arch}.*` metadata keys.
 //!
-//! Rope scaling (Llama 3.1's `rope_scaling`) is not supported: a config that
-//! asks for it is refused rather than silently run with plain RoPE.
+//! Rope scaling (Llama 3.1's `rope_scaling`), attention and MLP biases, and
+//! `model_type`s other than `llama` and `mistral` are not supported: a
+//! config that asks for them is refused rather than silently run as a plain
+//! Llama.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,7 +55,19 @@ pub struct LlamaConfig {
     /// Only checked to be absent; see the module doc.
     #[serde(default, skip_serializing)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// Only checked to be false.
+    #[serde(default, skip_serializing)]
+    pub attention_bias: bool,
+    /// Only checked to be false.
+    #[serde(default, skip_serializing)]
+    pub mlp_bias: bool,
+    /// Only checked to be a Llama-family type when present.
+    #[serde(default, skip_serializing)]
+    pub model_type: Option<String>,
 }
+
+/// `model_type`s whose weights and forward pass are a plain Llama's.
+const LLAMA_TYPES: &[&str] = &["llama", "mistral"];
 
 fn default_rms_norm_eps() -> f64 {
     1e-6
@@ -133,6 +147,9 @@ impl LlamaConfig {
             bos_token_id: gguf_u32(metadata, "tokenizer.ggml.bos_token_id"),
             eos_token_id: gguf_u32(metadata, "tokenizer.ggml.eos_token_id"),
             rope_scaling: None,
+            attention_bias: false,
+            mlp_bias: false,
+            model_type: Some(arch),
         };
         config.validate()?;
         Ok(config)
@@ -145,6 +162,17 @@ impl LlamaConfig {
             && !scaling.is_null()
         {
             return invalid(format!("rope_scaling {scaling} is not supported"));
+        }
+        if self.attention_bias || self.mlp_bias {
+            return invalid("attention and MLP biases are not supported".to_string());
+        }
+        if let Some(kind) = &self.model_type
+            && !LLAMA_TYPES.contains(&kind.as_str())
+        {
+            return invalid(format!(
+                "model_type `{kind}` is not supported (only {})",
+                LLAMA_TYPES.join(" and ")
+            ));
         }
         let heads = self.num_attention_heads;
         let kv_heads = self.num_kv_heads();

@@ -16,8 +16,13 @@
 //! Weights use the Hugging Face layout and names (`model.layers.N.self_attn.q_proj.weight`, ...)
 //! and RoPE is the `rotate_half` form. Positions count from 0 for every row
 //! (after the prefix), so padding is expected on the right; a left-padded
-//! batch gets shifted positions. There is no key/value cache: this model is
-//! for training and scoring, not generation.
+//! batch gets shifted positions.
+//!
+//! [`Llama::forward_cached`] keeps each layer's keys and values in a
+//! [`KvCache`] so that generation feeds one new token per step. When no
+//! tensor on the path needs a gradient (inference), RMSNorm and softmax use
+//! candle's fused CPU kernels instead of the composed ops; the results agree
+//! to rounding.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -27,8 +32,22 @@ use candle_nn::{Init, VarBuilder};
 
 use super::config::LlamaConfig;
 
-/// One of the four attention projections a [`ProjectionHook`] sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// One of the four attention projections a [`ProjectionHook`] sees; in
+/// recipes `q`, `k`, `v` or `o`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Projection {
     Q,
     K,
@@ -110,6 +129,44 @@ impl KvPrefix {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Layer `i`'s prefix keys and values.
+    pub fn layer(&self, i: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[i], &self.values[i])
+    }
+}
+
+/// Keys and values of the tokens seen so far, one pair per layer, for
+/// [`Llama::forward_cached`]. Keys are stored after RoPE.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many tokens the cache holds (a prefix is not counted).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+
+    /// Layer `i`'s keys (after RoPE) and values, `[batch, kv_heads, len, head_dim]`.
+    pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(i).and_then(Option::as_ref).map(|(k, v)| (k, v))
+    }
 }
 
 /// What a forward pass should do besides computing logits.
@@ -124,6 +181,10 @@ pub struct ForwardOptions<'a> {
     /// the embeddings, `num_hidden_layers` the last layer's output before the
     /// final norm).
     pub hidden_layers: &'a [usize],
+    /// Compute logits for the last position only (`[batch, 1, vocab]`), as
+    /// generation needs: the vocabulary projection is a fifth of a small
+    /// model's work per token.
+    pub last_logits_only: bool,
 }
 
 /// The result of [`Llama::forward`].
@@ -192,9 +253,41 @@ impl Llama {
 
     /// Runs `ids` (`[batch, seq]`, u32) through the model.
     pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        self.run(ids, opts, None)
+    }
+
+    /// Runs `ids` as the continuation of the tokens in `cache`, and appends
+    /// their keys and values to it. The attention mask, if any, covers the
+    /// new tokens only; the cached ones are all visible.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        cache: &mut KvCache,
+    ) -> Result<ForwardOutput> {
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let output = self.run(ids, opts, Some(&mut cache.layers))?;
+        cache.len += ids.dim(1)?;
+        Ok(output)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        mut cache: Option<&mut Vec<Option<(Tensor, Tensor)>>>,
+    ) -> Result<ForwardOutput> {
         let _span = tracing::trace_span!("llama_forward", dims = ?ids.dims()).entered();
         let (batch, seq) = ids.dims2()?;
-        let prefix_len = opts.prefix.map_or(0, KvPrefix::len);
+        let past = match cache.as_deref() {
+            Some(layers) => {
+                layers.first().and_then(Option::as_ref).map_or(Ok(0), |(k, _)| k.dim(2))?
+            }
+            None => 0,
+        };
+        let prefix_len = opts.prefix.map_or(0, KvPrefix::len) + past;
         if let Some(prefix) = opts.prefix
             && prefix.keys.len() != self.layers.len()
         {
@@ -209,7 +302,8 @@ impl Llama {
         x = x.reshape((batch, seq, self.config.hidden_size))?;
         let (cos, sin) = self.rope.at(prefix_len, seq)?;
         let bias = self.attention_bias(batch, seq, prefix_len, opts.attention_mask)?;
-        let context = AttentionContext { cos: &cos, sin: &sin, bias: &bias, hook: opts.hook };
+        let context =
+            AttentionContext { cos: &cos, sin: &sin, bias: bias.as_ref(), hook: opts.hook };
 
         let mut hidden = BTreeMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -217,7 +311,8 @@ impl Llama {
                 hidden.insert(i, x.clone());
             }
             let prefix = opts.prefix.map(|p| (&p.keys[i], &p.values[i]));
-            x = layer.forward(i, &x, &context, prefix)?;
+            let past = cache.as_deref_mut().map(|layers| &mut layers[i]);
+            x = layer.forward(i, &x, &context, prefix, past)?;
         }
         let last = self.layers.len();
         if opts.hidden_layers.contains(&last) {
@@ -227,6 +322,7 @@ impl Llama {
             candle_core::bail!("hidden layer {bad} asked for, the model has {last} layers");
         }
 
+        let x = if opts.last_logits_only { x.narrow(1, seq - 1, 1)? } else { x };
         let x = self.norm.forward(&x)?;
         let logits = linear(&x, &self.lm_head)?;
         Ok(ForwardOutput { logits, hidden })
@@ -234,14 +330,18 @@ impl Llama {
 
     /// `[batch, 1, seq, prefix + seq]`: 0 where a query may attend, a large
     /// negative number where it may not (later tokens, padding). Prefix
-    /// columns are always visible.
+    /// columns (a learned prefix and cached tokens) are always visible.
+    /// `None` when every query may see every key: one new token, no mask.
     fn attention_bias(
         &self,
         batch: usize,
         seq: usize,
         prefix_len: usize,
         mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
+        if seq == 1 && mask.is_none() {
+            return Ok(None);
+        }
         let blocked = blocked_value(self.dtype());
         let total = prefix_len + seq;
         let mut causal = vec![0f32; seq * total];
@@ -252,7 +352,7 @@ impl Llama {
         }
         let causal = Tensor::from_vec(causal, (1, 1, seq, total), self.device())?;
         let Some(mask) = mask else {
-            return causal.to_dtype(self.dtype());
+            return causal.to_dtype(self.dtype()).map(Some);
         };
 
         if mask.dims() != [batch, seq] {
@@ -267,7 +367,7 @@ impl Llama {
             Tensor::cat(&[visible_prefix, padding], 1)?
         };
         let padding = padding.reshape((batch, 1, 1, total))?;
-        causal.broadcast_add(&padding)?.to_dtype(self.dtype())
+        causal.broadcast_add(&padding)?.to_dtype(self.dtype()).map(Some)
     }
 }
 
@@ -296,6 +396,9 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension from differentiable ops. The max is
 /// detached: it only keeps exp() in range and cancels out of the gradient.
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
@@ -317,6 +420,9 @@ impl RmsNorm {
 impl Module for RmsNorm {
     /// Half-precision inputs are normalised in f32, as Hugging Face does.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() && !self.weight.track_op() && x.dtype() != DType::F64 {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
         let dtype = x.dtype();
         let work = match dtype {
             DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
@@ -372,7 +478,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 struct AttentionContext<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
-    bias: &'a Tensor,
+    bias: Option<&'a Tensor>,
     hook: Option<&'a dyn ProjectionHook>,
 }
 
@@ -432,6 +538,7 @@ impl Attention {
         x: &Tensor,
         ctx: &AttentionContext,
         prefix: Option<(&Tensor, &Tensor)>,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| {
@@ -443,6 +550,13 @@ impl Attention {
         let q = apply_rope(&q, ctx.cos, ctx.sin)?;
         let mut k = apply_rope(&k, ctx.cos, ctx.sin)?;
         let mut v = v;
+        if let Some(slot) = past {
+            if let Some((past_k, past_v)) = slot.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
         if let Some((pk, pv)) = prefix {
             let expand =
                 |p: &Tensor| p.broadcast_as((batch, self.kv_heads, p.dim(2)?, self.head_dim));
@@ -459,14 +573,18 @@ impl Attention {
     /// Grouped-query attention without copying K and V per query head: the
     /// query heads that share a key/value head are stacked along the
     /// sequence axis (head `h` uses key/value head `h / group`).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (batch, _, seq, _) = q.dims4()?;
         let total = k.dim(2)?;
         let group = self.heads / self.kv_heads;
         let q = q.reshape((batch, self.kv_heads, group * seq, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = scores.reshape((batch, self.heads, seq, total))?.broadcast_add(bias)?;
+        let scores = scores.reshape((batch, self.heads, seq, total))?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
         let probs = softmax_last_dim(&scores)?;
         let probs = probs.reshape((batch, self.kv_heads, group * seq, total))?;
         probs.matmul(v)?.reshape((batch, self.heads, seq, self.head_dim))
@@ -525,9 +643,10 @@ impl Block {
         x: &Tensor,
         ctx: &AttentionContext,
         prefix: Option<(&Tensor, &Tensor)>,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let normed = self.input_norm.forward(x)?;
-        let x = (x + self.attention.forward(layer, &normed, ctx, prefix)?)?;
+        let x = (x + self.attention.forward(layer, &normed, ctx, prefix, past)?)?;
         let normed = self.post_norm.forward(&x)?;
         x + self.mlp.forward(&normed)?
     }

@@ -6,11 +6,14 @@
 //! training on candle (every op on its forward pass has a backward pass),
 //! with hooks for adapters, per-layer key/value prefixes and hidden-state
 //! taps; [`config`], [`gguf`] and [`tokenizer`] load it from an HF folder or
-//! a GGUF file. No stage uses the model yet: scoring, generation and training
-//! stages come next.
+//! a GGUF file; [`load`] reads a whole model (weights, tokenizer) from any of
+//! its layouts and exports it as a Hugging Face folder.
 
 pub mod config;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
+pub mod load;
+pub mod score;
 pub mod source;
 pub mod tokenizer;

@@ -15,7 +15,7 @@ use super::error::{RecipeError, RecipeErrorKind, RecipeErrorKind as K, did_you_m
 use super::interpolate::Interpolator;
 use super::{ParsedRecipe, Resources, SpanIndex, StageDecl, parse, placed_serde_error};
 use crate::schema::EntitySchema;
-use crate::stage::{ParamIssue, StageKind, find_kind, registry};
+use crate::stage::{ParamError, ParamIssue, StageKind, find_kind, registry};
 
 /// The most variants one matrix may expand into.
 pub const MAX_MATRIX: usize = 4096;
@@ -405,6 +405,10 @@ impl<'a> Resolver<'a> {
             for (slot, path) in self.kinds[id].implicit_inputs(&stage_params) {
                 refs.entry(slot).or_insert(Reference::ParamPath(path));
             }
+            let bound: Vec<&str> = refs.keys().map(String::as_str).collect();
+            if let Err(err) = self.kinds[id].check_inputs(&stage_params, &bound) {
+                return Err(self.input_error(id, &bound, err));
+            }
             resolved.insert(id.clone(), (stage_params, refs));
         }
         let order = self.topological_order(&resolved)?;
@@ -483,6 +487,27 @@ impl<'a> Resolver<'a> {
                     None => err.help("see `watchfire kinds` for each param's allowed values"),
                 }
             }
+        }
+    }
+
+    /// An input slot that the params need but the recipe did not bind, or
+    /// that the recipe bound but the params do not read.
+    fn input_error(&self, id: &str, bound: &[&str], err: ParamError) -> RecipeError {
+        let slot = err.param.as_str();
+        if bound.contains(&slot) {
+            let span = self.spans().key_or_value(&["stages", id, "inputs", slot]);
+            self.error(K::Invalid, format!("stage `{id}` does not read input `{slot}`"))
+                .label(span, err.message.clone())
+                .help(err.help.clone().unwrap_or_else(|| format!("drop the `{slot}` input")))
+        } else {
+            let span = self.spans().key_or_value(&["stages", id]);
+            self.error(K::MissingInput, format!("stage `{id}` needs input `{slot}`"))
+                .label(span, format!("{}; no `{slot}` under `inputs`", err.message))
+                .help(
+                    err.help
+                        .clone()
+                        .unwrap_or_else(|| format!("add `inputs: {{ {slot}: STAGE_OR_PATH }}`")),
+                )
         }
     }
 

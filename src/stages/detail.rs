@@ -9,6 +9,7 @@ use crate::corpus::{read_records, write_json, write_jsonl};
 use crate::stage::{InputSpec, ParamError, Stage, StageContext, StageError, Validate};
 use crate::synth::detail::{DetailConfig, Generator};
 use crate::synth::histogram::Privacy;
+use crate::synth::llm::{self, LlmDetailConfig, LlmDetailStats, LlmParams};
 use crate::synth::template::{Backend, Template};
 
 pub struct Detail;
@@ -25,8 +26,13 @@ pub struct DetailParams {
     pub dp_threshold: f64,
     /// Attributes every record gets, such as `{severity: high}`; they override sampled ones.
     pub attributes: BTreeMap<String, String>,
-    /// What fills the slots.
+    /// What fills the slots: `template` draws typed values from the seed; `llm` asks the
+    /// `model` input for them under a JSON schema, one request per record, and flags records
+    /// whose answer cannot be used for `filter` to drop.
     pub backend: Backend,
+    /// Model calls of `backend: llm`. Unset: the defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmParams>,
 }
 
 impl Default for DetailParams {
@@ -37,6 +43,7 @@ impl Default for DetailParams {
             dp_threshold: 2.0,
             attributes: BTreeMap::new(),
             backend: Backend::Template,
+            llm: None,
         }
     }
 }
@@ -58,7 +65,11 @@ impl Validate for DetailParams {
         if let Some(key) = self.attributes.keys().find(|k| k.trim().is_empty()) {
             return Err(ParamError::new(format!("attributes.{key}"), "must not be empty"));
         }
-        Ok(())
+        if self.backend == Backend::Llm && self.dp_epsilon.is_some() {
+            return Err(ParamError::new("dp_epsilon", "is not supported with `backend: llm`")
+                .with_help("the LLM backend shows seed values to the model without noise"));
+        }
+        llm::validate_backend(self.backend, self.llm.as_ref())
     }
 }
 
@@ -70,6 +81,9 @@ struct DetailStats {
     scenes: BTreeMap<String, usize>,
     modes: BTreeMap<String, usize>,
     dp_epsilon: Option<f64>,
+    /// With `backend: llm`: requests, and records flagged invalid per reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llm: Option<LlmDetailStats>,
 }
 
 impl Stage for Detail {
@@ -80,7 +94,10 @@ impl Stage for Detail {
     const DOC: &'static str = "G_detail: draws a scene, a template and attributes (time of day, \
         district, severity, agency) from the seed's distributions, fills every slot with a typed \
         value that agrees with them, and writes synthetic records with gold entity spans, a \
-        synthetic marker and provenance. Optionally releases the seed's counts with Laplace noise.";
+        synthetic marker and provenance. Optionally releases the seed's counts with Laplace noise. \
+        With `backend: llm` a model writes the values instead, one JSON answer per record under a \
+        schema that encodes the same constraints; records whose answer cannot be used are kept, \
+        flagged `invalid`, for `filter` to drop and count.";
     const INPUTS: &'static [InputSpec] = &[
         InputSpec { name: "templates", required: true, doc: "Output of a `scene` stage." },
         InputSpec {
@@ -88,12 +105,20 @@ impl Stage for Detail {
             required: true,
             doc: "Output of a `seed` stage: value distributions are counted on it.",
         },
+        InputSpec {
+            name: llm::MODEL_INPUT,
+            required: false,
+            doc: "A `model` stage: needed with `backend: llm`, refused without it.",
+        },
     ];
     const OUTPUTS: &'static [&'static str] = &["records.jsonl", "stats.json"];
 
     fn run(params: &DetailParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let templates = read_templates(&ctx.input_file("templates", "templates.jsonl")?)?;
         let seed = read_records(&ctx.input_file("seed", "records.jsonl")?)?;
+        if params.backend == Backend::Llm {
+            return run_llm(params, ctx, &templates, &seed);
+        }
         let config = DetailConfig {
             privacy: params
                 .dp_epsilon
@@ -112,6 +137,7 @@ impl Stage for Detail {
             scenes: BTreeMap::new(),
             modes: BTreeMap::new(),
             dp_epsilon: params.dp_epsilon,
+            llm: None,
         };
         for record in &records {
             *stats.scenes.entry(record.scene.clone()).or_default() += 1;
@@ -121,6 +147,46 @@ impl Stage for Detail {
         write_jsonl(&ctx.output("records.jsonl"), &records)?;
         write_json(&ctx.output("stats.json"), &stats)
     }
+
+    fn check_inputs(params: &DetailParams, bound: &[&str]) -> Result<(), ParamError> {
+        llm::check_model_input(params.backend, bound)
+    }
+}
+
+/// `detail` with `backend: llm`.
+fn run_llm(
+    params: &DetailParams,
+    ctx: &StageContext<'_>,
+    templates: &[Template],
+    seed: &[crate::corpus::Record],
+) -> Result<(), StageError> {
+    let model = llm::load_model(ctx.input(llm::MODEL_INPUT)?)?;
+    let config = LlmDetailConfig {
+        params: params.llm.clone().unwrap_or_default(),
+        pinned: params.attributes.clone(),
+        stage_key: ctx.key.to_string(),
+    };
+    let progress = ctx.progress(Some(params.count as u64), "records");
+    let (records, llm_stats) =
+        llm::llm_records(templates, seed, &config, ctx.seed, params.count, model.as_ref(), || {
+            progress.inc(1)
+        })
+        .map_err(StageError::failed)?;
+    let mut stats = DetailStats {
+        records: records.len(),
+        usable_templates: llm_stats.usable_templates,
+        scenes: BTreeMap::new(),
+        modes: BTreeMap::new(),
+        dp_epsilon: None,
+        llm: Some(llm_stats),
+    };
+    for record in &records {
+        *stats.scenes.entry(record.scene.clone()).or_default() += 1;
+        let mode = record.provenance.as_ref().map(|p| p.mode.clone()).unwrap_or_default();
+        *stats.modes.entry(mode).or_default() += 1;
+    }
+    write_jsonl(&ctx.output("records.jsonl"), &records)?;
+    write_json(&ctx.output("stats.json"), &stats)
 }
 
 fn read_templates(path: &std::path::Path) -> Result<Vec<Template>, StageError> {

@@ -2,9 +2,14 @@
 
 pub mod detail;
 pub mod filter;
+pub mod merge;
 pub mod model;
+pub mod perplexity;
+pub mod probe;
 pub mod scene;
 pub mod seed;
+pub mod tasks;
+pub mod train;
 
 use crate::stage::{Erased, StageKind};
 
@@ -14,5 +19,10 @@ pub static ALL: &[&dyn StageKind] = &[
     &Erased::<scene::Scene>::NEW,
     &Erased::<detail::Detail>::NEW,
     &Erased::<filter::Filter>::NEW,
+    &Erased::<tasks::Tasks>::NEW,
     &Erased::<model::Model>::NEW,
+    &Erased::<perplexity::Perplexity>::NEW,
+    &Erased::<probe::Probe>::NEW,
+    &Erased::<train::Train>::NEW,
+    &Erased::<merge::Merge>::NEW,
 ];

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::corpus::{read_records, write_json, write_jsonl};
 use crate::stage::{InputSpec, ParamError, Stage, StageContext, StageError, Validate};
+use crate::synth::llm::{self, LlmParams};
 use crate::synth::scene::build_templates;
 use crate::synth::template::{Backend, Mode};
 
@@ -19,13 +20,23 @@ pub struct SceneParams {
     /// Distinct templates wanted per scene category (flat mode: this times the number of
     /// scenes in all). Fewer come out when the seed cannot yield more distinct ones.
     pub templates_per_scene: usize,
-    /// What writes the templates.
+    /// What writes the templates: `template` learns them from the seed; `llm` asks the
+    /// `model` input for new ones per scene category, showing delexicalised seed reports as
+    /// examples (`mode: hierarchical` only).
     pub backend: Backend,
+    /// Model calls of `backend: llm`. Unset: the defaults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmParams>,
 }
 
 impl Default for SceneParams {
     fn default() -> Self {
-        Self { mode: Mode::Hierarchical, templates_per_scene: 40, backend: Backend::Template }
+        Self {
+            mode: Mode::Hierarchical,
+            templates_per_scene: 40,
+            backend: Backend::Template,
+            llm: None,
+        }
     }
 }
 
@@ -34,7 +45,11 @@ impl Validate for SceneParams {
         if !(1..=100_000).contains(&self.templates_per_scene) {
             return Err(ParamError::new("templates_per_scene", "must be between 1 and 100000"));
         }
-        Ok(())
+        if self.backend == Backend::Llm && self.mode == Mode::Flat {
+            return Err(ParamError::new("mode", "must be `hierarchical` with `backend: llm`")
+                .with_help("the LLM backend writes templates per scene category"));
+        }
+        llm::validate_backend(self.backend, self.llm.as_ref())
     }
 }
 
@@ -46,13 +61,55 @@ impl Stage for Scene {
     const DOC: &'static str = "G_scene: delexicalises the seed reports into sentences with typed \
         slots, learns per scene category a chain of sentence roles and a pool of sentences per \
         role, and samples distinct coarse templates from them (or, in flat mode, from all \
-        sentences pooled). Each template records its slots and the seed reports it came from.";
-    const INPUTS: &'static [InputSpec] =
-        &[InputSpec { name: "seed", required: true, doc: "Output of a `seed` stage." }];
+        sentences pooled). Each template records its slots and the seed reports it came from. With \
+        `backend: llm` a model writes new templates per scene category instead, shown a few \
+        delexicalised seed reports, and templates that fail the checks are dropped and counted.";
+    const INPUTS: &'static [InputSpec] = &[
+        InputSpec { name: "seed", required: true, doc: "Output of a `seed` stage." },
+        InputSpec {
+            name: llm::MODEL_INPUT,
+            required: false,
+            doc: "A `model` stage: needed with `backend: llm`, refused without it.",
+        },
+    ];
     const OUTPUTS: &'static [&'static str] = &["templates.jsonl", "stats.json"];
 
     fn run(params: &SceneParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let seed = read_records(&ctx.input_file("seed", "records.jsonl")?)?;
+        if params.backend == Backend::Llm {
+            let model = llm::load_model(ctx.input(llm::MODEL_INPUT)?)?;
+            let progress = ctx.progress(None, "requests");
+            let llm_params = params.llm.clone().unwrap_or_default();
+            let (templates, stats) = llm::llm_templates(
+                &seed,
+                params.templates_per_scene,
+                &llm_params,
+                ctx.seed,
+                model.as_ref(),
+                || progress.inc(1),
+            );
+            if templates.is_empty() {
+                let rejected: Vec<String> = stats
+                    .rejected
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(reason, n)| format!("{n} {reason}"))
+                    .collect();
+                let failure = match &stats.first_failure {
+                    Some(why) => format!("; first failed request: {why}"),
+                    None => String::new(),
+                };
+                return Err(StageError::failed(format!(
+                    "the model wrote no usable template in {} requests ({} proposed, rejected: \
+                     {}){failure}",
+                    stats.requests,
+                    stats.proposed,
+                    if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") }
+                )));
+            }
+            write_jsonl(&ctx.output("templates.jsonl"), &templates)?;
+            return write_json(&ctx.output("stats.json"), &stats);
+        }
         let (templates, stats) =
             build_templates(&seed, params.mode, params.templates_per_scene, ctx.seed);
         if templates.is_empty() {
@@ -60,6 +117,10 @@ impl Stage for Scene {
         }
         write_jsonl(&ctx.output("templates.jsonl"), &templates)?;
         write_json(&ctx.output("stats.json"), &stats)
+    }
+
+    fn check_inputs(params: &SceneParams, bound: &[&str]) -> Result<(), ParamError> {
+        llm::check_model_input(params.backend, bound)
     }
 }
 

@@ -1,10 +1,13 @@
 //! Keeps the generated records that are consistent, not copied and not
 //! near-duplicates, and measures what is left.
 //!
-//! Records are taken in input order. Each one first goes through
-//! [`crate::synth::checks`]; then it is dropped as `copied_ngram` when it
-//! shares a run of `max_copied_ngram` words (lowercase, punctuation ignored)
-//! verbatim with any seed report; then as `near_duplicate` when its estimated
+//! Records are taken in input order. A record the LLM backend of `detail`
+//! flagged invalid (its answer could not be used) is dropped first, with the
+//! reason it carries (see [`crate::synth::llm::INVALID_REASONS`]). Every
+//! other record goes through [`crate::synth::checks`]; then it is dropped as
+//! `copied_ngram` when it shares a run of `max_copied_ngram` words
+//! (lowercase, punctuation ignored) verbatim with any seed report; then as
+//! `near_duplicate` when its estimated
 //! Jaccard similarity over word shingles with an already kept record reaches
 //! the threshold. Similarity uses gaoya's MinHash LSH with fixed hash seeds;
 //! band buckets are keyed by a randomly seeded hasher, which only changes
@@ -18,6 +21,7 @@ use serde::Serialize;
 
 use crate::corpus::Record;
 use crate::synth::checks::{self, SeedFacts};
+use crate::synth::llm;
 
 const BANDS: usize = 32;
 const BAND_WIDTH: usize = 4;
@@ -69,7 +73,9 @@ pub struct FilterOutcome {
     pub report: FilterReport,
 }
 
-/// Every reason `filter` can give, in the order it checks them.
+/// Every reason `filter` gives to records of the template backend, in the
+/// order it checks them. Records of the LLM backend can also be dropped for
+/// one of [`llm::INVALID_REASONS`] (or `llm_invalid`), checked first.
 pub fn reasons() -> impl Iterator<Item = &'static str> {
     checks::REASONS.iter().copied().chain(["copied_ngram", "near_duplicate"])
 }
@@ -84,7 +90,14 @@ pub fn filter(records: Vec<Record>, seed: &[Record], config: &FilterConfig) -> F
     let mut kept = Vec::new();
     let mut dropped = Vec::new();
 
+    let mut from_llm = false;
     for record in records {
+        from_llm |= record.provenance.as_ref().is_some_and(|p| p.generator == llm::GENERATOR);
+        if let Some(flag) = record.attributes.get(llm::INVALID_ATTRIBUTE) {
+            let (reason, detail) = llm::invalid_reason(flag);
+            dropped.push(Dropped { id: record.id, reason, detail });
+            continue;
+        }
         let words = words(&record.text);
         let verdict = checks::check(&record, &facts)
             .map_err(|v| (v.reason, v.detail))
@@ -103,7 +116,7 @@ pub fn filter(records: Vec<Record>, seed: &[Record], config: &FilterConfig) -> F
             Err((reason, detail)) => dropped.push(Dropped { id: record.id, reason, detail }),
         }
     }
-    let report = report(input, &kept, &dropped);
+    let report = report(input, &kept, &dropped, from_llm);
     FilterOutcome { kept, dropped, report }
 }
 
@@ -151,8 +164,13 @@ fn copied(words: &[String], seed: &HashSet<u64>, n: usize) -> Result<(), (&'stat
     }
 }
 
-fn report(input: usize, kept: &[Record], dropped: &[Dropped]) -> FilterReport {
-    let mut dropped_counts: BTreeMap<&'static str, usize> = reasons().map(|r| (r, 0)).collect();
+/// `from_llm`: some input came from the LLM backend, so its reasons are
+/// listed even when nothing was dropped for them (they are left out
+/// otherwise, so that template-backend reports stay as they were).
+fn report(input: usize, kept: &[Record], dropped: &[Dropped], from_llm: bool) -> FilterReport {
+    let llm_reasons = llm::INVALID_REASONS.iter().copied().filter(|_| from_llm);
+    let mut dropped_counts: BTreeMap<&'static str, usize> =
+        reasons().chain(llm_reasons).map(|r| (r, 0)).collect();
     for d in dropped {
         *dropped_counts.entry(d.reason).or_default() += 1;
     }

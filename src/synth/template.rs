@@ -19,14 +19,17 @@ pub enum Mode {
     Flat,
 }
 
-/// What writes templates and fills them. Only the template backend exists;
-/// an LLM backend is planned behind the same switch.
+/// What writes templates and fills them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// Templates learned from the seed and filled by typed value generators.
     #[default]
     Template,
+    /// A language model, bound as the `model` input, writes the templates (`scene`) or the
+    /// slot values (`detail`) as JSON under a schema; answers that fail the checks are dropped
+    /// and counted.
+    Llm,
 }
 
 impl Mode {
@@ -148,7 +151,18 @@ pub fn parse(text: &str) -> Result<Vec<Piece>, String> {
                 literal.push('}');
             }
             '{' => {
-                let token: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                let mut token = String::new();
+                let mut closed = false;
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        closed = true;
+                        break;
+                    }
+                    token.push(c);
+                }
+                if !closed {
+                    return Err(format!("unclosed slot `{{{token}`"));
+                }
                 let (kind, index) = match token.split_once('#') {
                     Some((kind, index)) => {
                         (kind, index.parse().map_err(|_| format!("bad slot `{{{token}}}`"))?)

@@ -256,6 +256,7 @@ impl Harness {
         let out = self.path().join(format!("out-{n}-{}", S::KIND));
         std::fs::create_dir_all(&out)?;
         let inputs = inputs.iter().map(|(k, p)| (k.to_string(), p.to_path_buf())).collect();
+        let checkpoints = self.path().join(format!("checkpoints-{}", S::KIND));
         let ctx = StageContext {
             stage_id: S::KIND,
             key: "testkey",
@@ -263,6 +264,7 @@ impl Harness {
             schema,
             inputs: &inputs,
             out_dir: &out,
+            checkpoints: &checkpoints,
             reporter: &NullReporter,
         };
         S::run(params, &ctx)?;

