@@ -168,14 +168,40 @@ fn layout(path: &Path) -> Result<Layout, PeerError> {
     Err(PeerError::UnknownLayout(path))
 }
 
+/// Copies a PEFT adapter folder (`adapter_config.json`,
+/// `adapter_model.safetensors`) into the Hugging Face cache folder `hub`
+/// as the repository `watchfire/adapter-HASH` at revision `main`, the layout
+/// mistralrs reads adapters from, and returns that id. `HASH` is the
+/// adapter's content hash, so different adapters never share an id.
+pub fn stage_adapter(hub: &Path, adapter: &Path) -> std::io::Result<String> {
+    const FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+    let mut hasher = blake3::Hasher::new();
+    for name in FILES {
+        hasher.update(&fs_err::read(adapter.join(name))?);
+    }
+    let hash = hasher.finalize().to_hex()[..16].to_string();
+    let repo = hub.join(format!("models--watchfire--adapter-{hash}"));
+    let snapshot = repo.join("snapshots").join(&hash);
+    fs_err::create_dir_all(&snapshot)?;
+    fs_err::create_dir_all(repo.join("refs"))?;
+    for name in FILES {
+        fs_err::copy(adapter.join(name), snapshot.join(name))?;
+    }
+    fs_err::write(repo.join("refs").join("main"), &hash)?;
+    Ok(format!("watchfire/adapter-{hash}"))
+}
+
 type PipelineHandle = Arc<tokio::sync::Mutex<dyn Pipeline>>;
 
 /// Loads the pipeline; errors come back as text (mistralrs reports them as
 /// `anyhow` errors, with their chain of causes).
-fn load_pipeline(layout: &Layout) -> Result<PipelineHandle, String> {
+fn load_pipeline(layout: &Layout, lora: &[String]) -> Result<PipelineHandle, String> {
     let device = mistralrs::best_device(false).map_err(|e| e.to_string())?;
     let mapper = DeviceMapSetting::Auto(AutoDeviceMapParams::default_text());
     let loader = match layout {
+        Layout::Gguf(..) if !lora.is_empty() => {
+            return Err("LoRA adapters load with a Hugging Face folder, not a GGUF file".into());
+        }
         Layout::Gguf(dir, name) => GGUFLoaderBuilder::new(
             None,
             None,
@@ -198,16 +224,18 @@ fn load_pipeline(layout: &Layout) -> Result<PipelineHandle, String> {
                 matformer_config_path: None,
                 matformer_slice_name: None,
             };
-            NormalLoaderBuilder::new(
+            let mut builder = NormalLoaderBuilder::new(
                 config,
                 None,
                 None,
                 Some(dir.display().to_string()),
                 false,
                 None,
-            )
-            .build(None)
-            .map_err(|e| format!("{e:#}"))?
+            );
+            if !lora.is_empty() {
+                builder = builder.with_lora(lora.to_vec());
+            }
+            builder.build(None).map_err(|e| format!("{e:#}"))?
         }
     };
     let pipeline = loader
@@ -230,12 +258,21 @@ impl Peer {
     /// artifact, which also holds `source.json`), or a Hugging Face folder
     /// with `config.json`; see the module doc.
     pub fn load(path: &Path) -> Result<Peer, PeerError> {
-        Self::load_with(path, NonZeroUsize::MIN)
+        Self::load_with(path, NonZeroUsize::MIN, &[])
+    }
+
+    /// Loads a Hugging Face folder with PEFT LoRA adapters merged into its
+    /// weights, as mistralrs does it. mistralrs resolves adapters by
+    /// repository id through the Hugging Face cache (`HF_HUB_CACHE`, else
+    /// `HF_HOME/hub`, else `~/.cache/huggingface/hub`), never a local path:
+    /// put an adapter folder there with [`stage_adapter`] first.
+    pub fn load_with_lora(path: &Path, adapter_ids: &[String]) -> Result<Peer, PeerError> {
+        Self::load_with(path, NonZeroUsize::MIN, adapter_ids)
     }
 
     /// [`Peer::load`], with an engine that runs up to `max_seqs` sequences
     /// at once (batching them, at the cost of reproducibility).
-    fn load_with(path: &Path, max_seqs: NonZeroUsize) -> Result<Peer, PeerError> {
+    fn load_with(path: &Path, max_seqs: NonZeroUsize, lora: &[String]) -> Result<Peer, PeerError> {
         let layout = layout(path)?;
         let load_error = |message: String| PeerError::Load { path: path.to_path_buf(), message };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -245,7 +282,7 @@ impl Peer {
             .build()
             .map_err(PeerError::Runtime)?;
         let (model, tokenizer, eos_ids) = runtime.block_on(async {
-            let pipeline = load_pipeline(&layout).map_err(load_error)?;
+            let pipeline = load_pipeline(&layout, lora).map_err(load_error)?;
             let (tokenizer, eos_ids) = {
                 let guard = pipeline.lock().await;
                 let metadata = guard.get_metadata();
@@ -539,7 +576,7 @@ pub fn bench(
         return Err(PeerError::Options("seq and batch must be at least 1".into()));
     }
     let start = Instant::now();
-    let peer = Peer::load_with(path, NonZeroUsize::new(batch).unwrap_or(NonZeroUsize::MIN))?;
+    let peer = Peer::load_with(path, NonZeroUsize::new(batch).unwrap_or(NonZeroUsize::MIN), &[])?;
     let load_s = start.elapsed().as_secs_f64();
     let vocab = peer.vocab_size;
 
