@@ -96,7 +96,9 @@ impl LockEntry {
         KeyFields {
             kind: self.kind.clone(),
             kind_version: self.kind_version,
-            params: self.params.clone(),
+            // A lock written by hand or under another serde_json map order
+            // still gives the key the recipe's resolved params give.
+            params: crate::cache::canonical(self.params.clone()),
             inputs: self.inputs.clone(),
             schema: self.schema.clone(),
             seed: lock.seed,

@@ -261,8 +261,8 @@ impl Peer {
         Self::load_with(path, NonZeroUsize::MIN, &[])
     }
 
-    /// Loads a Hugging Face folder with PEFT LoRA adapters merged into its
-    /// weights, as mistralrs does it. mistralrs resolves adapters by
+    /// Loads a Hugging Face folder with PEFT LoRA adapters applied to its
+    /// weights, the way mistralrs applies them. mistralrs resolves adapters by
     /// repository id through the Hugging Face cache (`HF_HUB_CACHE`, else
     /// `HF_HOME/hub`, else `~/.cache/huggingface/hub`), never a local path:
     /// put an adapter folder there with [`stage_adapter`] first.

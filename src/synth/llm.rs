@@ -72,6 +72,7 @@ pub const TEMPLATE_REASONS: &[&str] = &[
     "bad_characters",
     "too_short",
     "too_long",
+    "too_many_slots",
     "unknown_slot",
     "no_key_slot",
     "contradiction",
@@ -223,9 +224,10 @@ pub fn load_model(path: &Path) -> Result<Box<dyn Completer>, StageError> {
                 top_p: sampling.top_p,
                 seed: sampling.seed,
             };
-            // llguidance, mistralrs's constraint engine, allows any JSON
+            // llguidance, mistralrs's constraint engine, allows free-form JSON
             // whitespace by default, and a small model spends its token budget
-            // on blank lines; `x-guidance` asks for compact separators instead.
+            // on blank lines; `x-guidance` fixes the separators to `, ` and
+            // `: ` and allows no other whitespace.
             let mut schema = schema.clone();
             if let Some(object) = schema.as_object_mut() {
                 object.insert(
@@ -491,7 +493,7 @@ pub fn check_template(
     let pieces = parse(text).map_err(|_| "bad_slot")?;
     let literal_braces =
         pieces.iter().any(|p| matches!(p, Piece::Text(t) if t.contains(['{', '}'])));
-    if literal_braces || text.contains(['\n', '\r', '"', '\\']) {
+    if literal_braces || text.contains(['"', '\\']) || text.chars().any(char::is_control) {
         return Err("bad_characters");
     }
     let chars = text.chars().count();
@@ -500,6 +502,9 @@ pub fn check_template(
     }
     if chars > TEMPLATE_MAX_CHARS {
         return Err("too_long");
+    }
+    if pieces.iter().filter(|p| matches!(p, Piece::Slot { .. })).count() > MAX_SLOTS {
+        return Err("too_many_slots");
     }
     let mut renumbered: BTreeMap<(String, u32), u32> = BTreeMap::new();
     let mut next: BTreeMap<String, u32> = BTreeMap::new();
@@ -1437,6 +1442,12 @@ mod tests {
         assert_eq!(check("At {time} a car {broken"), Err("bad_slot"));
         assert_eq!(check("At {time} a car hit a {{wall}} near the bridge."), Err("bad_characters"));
         assert_eq!(check("At {time} it hit."), Err("too_short"));
+        assert_eq!(
+            check("At {time}\ta car hit a {vehicle} near the bridge."),
+            Err("bad_characters")
+        );
+        let many = "{time} and ".repeat(MAX_SLOTS + 1);
+        assert_eq!(check(&format!("At {many} a car hit a {{vehicle}}.")), Err("too_many_slots"));
         assert_eq!(check(&format!("At {{time}} {}", "a car hit. ".repeat(40))), Err("too_long"));
         assert_eq!(check("A {weapon} was found at the crossing today."), Err("unknown_slot"));
         assert_eq!(check("A witness said {witness_remark} at the scene."), Err("no_key_slot"));

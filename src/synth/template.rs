@@ -192,6 +192,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unclosed_slot_is_an_error() {
+        assert!(parse("a {time").is_err());
+        assert!(parse("a {{time").is_ok());
+    }
+
+    #[test]
     fn text_round_trips_through_pieces() {
         let pieces = vec![
             Piece::Text("At ".into()),
