@@ -177,12 +177,7 @@ impl ProjectionHook for LoadedLora {
         let Some((a, b)) = self.pairs.get(&(layer, projection)) else {
             return Ok(output);
         };
-        let dims = input.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x = input.reshape((rows, dims[dims.len() - 1]))?;
-        let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?;
-        let delta = delta.reshape(output.shape())?;
-        output + delta
+        super::lora::add_low_rank(input, output, a, b, self.scale)
     }
 }
 

@@ -288,14 +288,26 @@ impl ProjectionHook for Lora {
         let (a, b) = pair.effective()?;
         // Adapters train in f32; a half-precision model computes in its own dtype.
         let (a, b) = (a.to_dtype(input.dtype())?, b.to_dtype(input.dtype())?);
-        let dims = input.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x = input.reshape((rows, dims[dims.len() - 1]))?;
-        let low = x.matmul(&a.t()?)?;
-        let delta = (low.matmul(&b.t()?)? * self.config.scale())?;
-        let delta = delta.reshape(output.shape())?;
-        output + delta
+        add_low_rank(input, output, &a, &b, self.config.scale())
     }
+}
+
+/// `output + scale (x Aᵀ) Bᵀ` for a projection's `input` x of any batch
+/// shape, never forming `B A`: the LoRA term both the trainable adapter and
+/// a loaded one add.
+pub fn add_low_rank(
+    input: &Tensor,
+    output: Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = input.dims();
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let x = input.reshape((rows, dims[dims.len() - 1]))?;
+    let delta = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
+    let delta = delta.reshape(output.shape())?;
+    output + delta
 }
 
 /// `(out, in)` of a projection's weight.
