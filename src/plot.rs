@@ -1,4 +1,4 @@
-//! Small SVG plots for artifacts: training curves and heat maps.
+//! Small SVG plots for artifacts: training curves, heat maps and scatter maps.
 //!
 //! Drawn with plotters' SVG backend, which writes text as `<text>` elements
 //! and needs no font files, so the same data always gives the same bytes.
@@ -152,6 +152,48 @@ pub fn heat_map(
                 BLACK.stroke_width(2),
             )
         }))
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+/// A scatter plot of named point groups with a legend, 520 x 460; axes
+/// carry no units (a t-SNE map has none).
+pub fn scatter(path: &Path, title: &str, groups: &[Series<'_>]) -> Result<(), PlotError> {
+    let err = plot_error(path);
+    let points =
+        groups.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let (px, py) = (((x1 - x0) * 0.05).max(1e-9), ((y1 - y0) * 0.05).max(1e-9));
+    let root = SVGBackend::new(path, (520, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(24)
+        .y_label_area_size(40)
+        .build_cartesian_2d((x0 - px)..(x1 + px), (y0 - py)..(y1 + py))
+        .map_err(|e| err(e.to_string()))?;
+    chart.configure_mesh().disable_mesh().draw().map_err(|e| err(e.to_string()))?;
+    for (i, group) in groups.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let points = group.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite());
+        chart
+            .draw_series(points.map(|p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| err(e.to_string()))?
+            .label(group.name)
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
         .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))
 }

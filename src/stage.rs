@@ -152,6 +152,17 @@ impl StageContext<'_> {
             .ok_or_else(|| StageError::MissingInput(name.to_string()))
     }
 
+    /// The instances a `STAGE@*` input gathered, one per variant, as
+    /// (variant, path) in the order of the variant names.
+    pub fn gathered(&self, slot: &str) -> Vec<(&str, &Path)> {
+        self.inputs
+            .iter()
+            .filter_map(|(name, path)| {
+                crate::recipe::gathered_variant(name, slot).map(|v| (v, path.as_path()))
+            })
+            .collect()
+    }
+
     /// The input slot if it was given.
     pub fn optional_input(&self, name: &str) -> Option<&Path> {
         self.inputs.get(name).map(PathBuf::as_path)

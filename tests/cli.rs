@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use common::{Project, filtered};
 
-const QS: &str = "recipes/quickstart.yaml";
+const QS: &str = "recipes/synthetic.yaml";
 
 #[test]
 fn second_run_does_nothing_and_says_so() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     let first = project.ok(&["run", QS]);
     insta::assert_snapshot!("first_run", filtered(&first, &project));
     let second = project.ok(&["run", QS]);
@@ -20,7 +20,7 @@ fn second_run_does_nothing_and_says_so() {
 
 #[test]
 fn plan_names_the_field_that_changed() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     insta::assert_snapshot!("plan_first", filtered(&project.ok(&["plan", QS]), &project));
     project.ok(&["run", QS]);
     project.edit(QS, "templates_per_scene: 40", "templates_per_scene: 60");
@@ -33,7 +33,7 @@ fn plan_names_the_field_that_changed() {
 
 #[test]
 fn a_changed_file_is_named_and_identical_output_cuts_off_dependents() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     // A blank line at the end changes the file, not the records read from it.
     let seed = project.read("recipes/data/seed.jsonl");
@@ -46,7 +46,7 @@ fn a_changed_file_is_named_and_identical_output_cuts_off_dependents() {
 
 #[test]
 fn a_failed_stage_stops_only_its_dependents() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.write("recipes/data/bad.jsonl", "{\"text\": \"short\", \"scene\": \"x\", \"entities\": [{\"type\": \"time\", \"start\": 2, \"end\": 99}]}\n");
     project.write(
         "recipes/two.yaml",
@@ -68,14 +68,14 @@ fn a_failed_stage_stops_only_its_dependents() {
 
 #[test]
 fn graph_prints_dot_and_mermaid() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     insta::assert_snapshot!("graph_dot", project.ok(&["graph", QS]));
     insta::assert_snapshot!("graph_mermaid", project.ok(&["graph", QS, "--format", "mermaid"]));
 }
 
 #[test]
 fn very_verbose_prints_the_key_as_json() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     let out = project.run(&["run", QS, "-vv"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("key of `detail` = "), "{stderr}");
@@ -85,9 +85,9 @@ fn very_verbose_prints_the_key_as_json() {
 
 #[test]
 fn same_seed_same_bytes_other_seed_other_bytes() {
-    let a = Project::with_recipe("quickstart.yaml");
-    let b = Project::with_recipe("quickstart.yaml");
-    let c = Project::with_recipe("quickstart.yaml");
+    let a = Project::with_recipe("synthetic.yaml");
+    let b = Project::with_recipe("synthetic.yaml");
+    let c = Project::with_recipe("synthetic.yaml");
     c.edit(QS, "seed: 42", "seed: 43");
     for project in [&a, &b, &c] {
         project.ok(&["run", QS]);
@@ -100,7 +100,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
 
 #[test]
 fn a_tampered_artifact_is_reported_and_rebuilt() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     let templates = project.artifact(QS, "scene").join("templates.jsonl");
     let original = std::fs::read(&templates).unwrap();
@@ -118,7 +118,7 @@ fn a_tampered_artifact_is_reported_and_rebuilt() {
 
 #[test]
 fn cache_ls_show_and_gc() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     project.edit(QS, "records: 2000", "records: 500");
     project.ok(&["run", QS]);
@@ -148,7 +148,7 @@ fn artifact_count(project: &Project) -> usize {
 
 #[test]
 fn a_killed_run_leaves_no_partial_artifact_and_resumes() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     // Enough records that `detail` and `filter` are still running when killed.
     project.edit(QS, "records: 2000", "records: 100000");
     let mut child = project.command(&["run", QS, "-q"]).spawn().unwrap();
@@ -189,7 +189,7 @@ fn has_row(table: &str, stage: &str, kind: &str, status: &str) -> bool {
 
 #[test]
 fn two_runs_on_one_cache_build_each_key_once() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.edit(QS, "records: 2000", "records: 20000");
     let first = project.command(&["run", QS]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     let second =
@@ -204,7 +204,7 @@ fn two_runs_on_one_cache_build_each_key_once() {
 
 #[test]
 fn transient_stages_run_every_time_and_are_never_stored() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.edit(QS, "    kind: scene\n", "    kind: scene\n    cache: false\n");
     let first = project.ok(&["run", QS]);
     assert!(has_row(&first, "scene", "scene", "ran"), "{first}");

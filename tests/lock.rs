@@ -5,12 +5,12 @@ mod common;
 
 use common::Project;
 
-const QS: &str = "recipes/quickstart.yaml";
-const LOCK: &str = "recipes/quickstart.lock";
+const QS: &str = "recipes/synthetic.yaml";
+const LOCK: &str = "recipes/synthetic.lock";
 
 #[test]
 fn the_lock_is_written_and_stable_across_runs() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     let first = project.read(LOCK);
     assert!(first.contains("stages:\n  seed:\n"), "{first}");
@@ -30,7 +30,7 @@ fn the_lock_is_written_and_stable_across_runs() {
 
 #[test]
 fn a_param_change_is_a_one_stage_diff() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     let before = project.read(LOCK);
     project.edit(QS, "near_duplicate_threshold: 0.9", "near_duplicate_threshold: 0.8");
@@ -49,7 +49,7 @@ fn a_param_change_is_a_one_stage_diff() {
 
 #[test]
 fn verify_passes_and_then_names_a_tampered_stage() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     let out = project.ok(&["verify", QS]);
     assert!(out.contains("4 stages verified, 0 not matching"), "{out}");
@@ -78,7 +78,7 @@ fn verify_passes_and_then_names_a_tampered_stage() {
 
 #[test]
 fn plan_locked_fails_on_a_stale_lock_even_with_an_empty_cache() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     project.ok(&["run", QS]);
     // A teammate's fresh clone: the lock and the recipe, no cache.
     std::fs::remove_dir_all(project.path().join("cache")).unwrap();
@@ -96,7 +96,7 @@ fn plan_locked_fails_on_a_stale_lock_even_with_an_empty_cache() {
 
 #[test]
 fn frozen_refuses_keys_missing_from_the_lock() {
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     let out = project.run(&["run", "--frozen", QS]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("there is no lock file"));
@@ -131,10 +131,10 @@ fn the_lock_records_model_pins() {
 }
 
 #[test]
-fn the_committed_quickstart_lock_reproduces_on_this_machine() {
-    // recipes/quickstart.lock was written on a development machine; a
+fn the_committed_synthetic_lock_reproduces_on_this_machine() {
+    // recipes/synthetic.lock was written on a development machine; a
     // rebuild here from scratch must give the same bytes.
-    let project = Project::with_recipe("quickstart.yaml");
+    let project = Project::with_recipe("synthetic.yaml");
     let lock = std::fs::read_to_string(common::repo().join(LOCK)).unwrap();
     project.write(LOCK, &lock);
     let out = project.ok(&["plan", "--locked", QS]);

@@ -438,10 +438,10 @@ fn diagnostic_renders_label_and_help() {
 
 // ---- no panic on any input ----
 
-/// Recipes the mutation test starts from: the quickstart, `BASE`, and ones
+/// Recipes the mutation test starts from: the synthetic-data recipe, `BASE`, and ones
 /// using flow style, anchors, variants and block scalars.
 fn mutation_seeds() -> Vec<String> {
-    let quickstart = include_str!("../recipes/quickstart.yaml");
+    let synthetic = include_str!("../recipes/synthetic.yaml");
     let variants = format!(
         "{BASE}variants:\n  big:\n    params: {{records: 20}}\n  sweep:\n    matrix:\n      \
          records: [1, 2, 3]\n"
@@ -458,7 +458,7 @@ fn mutation_seeds() -> Vec<String> {
                    'data/seed.jsonl'\n  d:\n    kind: detail\n    params:\n      attributes: \
                    {note: \"x-${params.text}\"}\n    inputs: [templates, seed]\n";
     vec![
-        quickstart.to_string(),
+        synthetic.to_string(),
         BASE.to_string(),
         variants,
         flow.to_string(),
@@ -560,4 +560,70 @@ fn mangled_recipes_never_panic() {
     }
     // Both outcomes occur, so the mutations neither break everything nor nothing.
     assert!(outcomes.iter().all(|&n| n > 100), "errors/ok: {outcomes:?}");
+}
+
+/// `BASE` with a variant and a stage that gathers `detail` across variants.
+fn gathering(extra_stage: &str) -> String {
+    let mut yaml = BASE.to_string();
+    yaml.push_str(
+        "  probe:\n    kind: filter\n    inputs:\n      records: detail@*\n      seed: seed.records\n",
+    );
+    yaml.push_str(extra_stage);
+    yaml.push_str(
+        "variants:\n  small:\n    params: { records: 5 }\n  big:\n    params: { records: 20 }\n",
+    );
+    yaml
+}
+
+#[test]
+fn a_gathering_stage_reads_every_variant_once() {
+    let recipe = Project::new().resolve(&gathering("")).expect("gathering recipe");
+    let names: Vec<&str> = recipe.instances.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["seed", "scene", "detail", "detail@small", "detail@big", "probe"]);
+    let probe = recipe.instances.last().unwrap();
+    assert!(probe.gathers);
+    assert_eq!(probe.variants, ["default", "small", "big"]);
+    let slots: Vec<&str> = probe.inputs.keys().map(String::as_str).collect();
+    assert_eq!(slots, ["records[big]", "records[default]", "records[small]", "seed"]);
+    let gathered: Vec<usize> = ["default", "small", "big"]
+        .iter()
+        .map(|v| match &probe.inputs[&format!("records[{v}]")] {
+            InputBinding::Stage { instance, .. } => *instance,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(gathered, [2, 3, 4]);
+
+    // `--variant` gathers only the selected variants, under the same name.
+    let options = LoadOptions { variants: vec!["small".into()], ..LoadOptions::default() };
+    let recipe = Project::new().resolve_with(&gathering(""), &options).expect("one variant");
+    let probe = recipe.instances.last().unwrap();
+    assert_eq!(probe.name, "probe");
+    let slots: Vec<&str> = probe.inputs.keys().map(String::as_str).collect();
+    assert_eq!(slots, ["records[small]", "seed"]);
+}
+
+#[test]
+fn a_stage_cannot_read_a_gathering_stage() {
+    let err = error(&gathering(
+        "  late:\n    kind: filter\n    inputs:\n      records: probe\n      seed: seed.records\n",
+    ));
+    check(&err, K::Invalid, "probe", Some("must be a final stage"));
+    assert_eq!(err.message, "stage `late` reads `probe`, which gathers across variants");
+}
+
+#[test]
+fn gathering_a_path_is_an_error() {
+    let err = error(&edit("      data: data/seed.jsonl", "      data: data/seed.jsonl@*"));
+    check(&err, K::Invalid, "data/seed.jsonl@*", Some("gathers a stage across variants"));
+}
+
+#[test]
+fn a_gathering_stage_may_not_depend_on_variant_params() {
+    let err = error(&gathering("").replace(
+        "    kind: filter\n    inputs:\n      records: detail@*\n",
+        "    kind: filter\n    params: { max_copied_ngram: \"${params.records}\" }\n    inputs:\n      records: detail@*\n",
+    ));
+    assert_eq!(err.kind, K::Invalid, "{err}");
+    assert!(err.message.contains("the params of `probe` differ in variant `small`"), "{err}");
 }

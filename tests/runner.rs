@@ -136,8 +136,8 @@ fn a_link_out_of_the_project_inside_a_folder_input_is_refused() {
 
 #[test]
 fn plan_leaves_a_corrupt_artifact_for_run_to_report() {
-    let project = Project::with_recipe("quickstart.yaml");
-    let qs = "recipes/quickstart.yaml";
+    let project = Project::with_recipe("synthetic.yaml");
+    let qs = "recipes/synthetic.yaml";
     project.ok(&["run", qs]);
     let scene = project.artifact(qs, "scene");
     std::fs::write(scene.join("templates.jsonl"), "tampered\n").unwrap();

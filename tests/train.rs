@@ -1,6 +1,6 @@
 //! Probing, training, resuming, merging and generating with an adapter,
 //! through the binary, on a tiny random model built in code (exported into
-//! the project as a Hugging Face folder) and the quickstart's synthetic data.
+//! the project as a Hugging Face folder) and the synthetic-data recipe's corpus.
 
 mod common;
 

@@ -29,7 +29,7 @@ pub struct BenchArgs {
     #[command(subcommand)]
     pub what: Option<BenchWhat>,
     /// The recipe whose no-op re-run is timed.
-    #[arg(long, default_value = "recipes/quickstart.yaml")]
+    #[arg(long, default_value = "recipes/synthetic.yaml")]
     pub recipe: PathBuf,
     /// Timed repetitions of each command.
     #[arg(long, default_value_t = 20)]

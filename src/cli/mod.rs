@@ -4,6 +4,7 @@ mod bench;
 mod bench_model;
 mod bench_train;
 mod cache;
+mod eval;
 mod lock;
 mod model;
 mod render;
@@ -71,6 +72,10 @@ pub enum Command {
     Generate(model::GenerateArgs),
     /// Write a model as a Hugging Face folder (config, safetensors, tokenizer).
     Export(model::ExportArgs),
+    /// Evaluate a model (and adapter) on a data file and print the metrics.
+    Eval(eval::EvalArgs),
+    /// Metric deltas between two evaluations (stage instances or artifacts).
+    Compare(eval::CompareArgs),
 }
 
 #[derive(Args)]
@@ -110,6 +115,8 @@ pub fn main() -> ExitCode {
         Command::Score(args) => model::score(&cli.global, args),
         Command::Generate(args) => model::generate(&cli.global, args),
         Command::Export(args) => model::export(&cli.global, args),
+        Command::Eval(args) => eval::eval(&cli.global, args),
+        Command::Compare(args) => eval::compare(&cli.global, args),
     };
     match result {
         Ok(code) => code,

@@ -110,10 +110,14 @@ pub struct ExportArgs {
     pub dir: PathBuf,
 }
 
-fn load_model(global: &Global, arg: &ModelArg) -> miette::Result<(LoadedModel, PathBuf)> {
+/// Where `--model` is once fetched: a GGUF file, a folder or an artifact.
+pub(super) fn model_path(global: &Global, arg: &ModelArg) -> miette::Result<PathBuf> {
     let models = cache_dir(global, None).join("models");
-    let path =
-        resolve(&arg.model, &models).map_err(|err| miette!("--model {}: {err}", arg.model))?;
+    resolve(&arg.model, &models).map_err(|err| miette!("--model {}: {err}", arg.model))
+}
+
+fn load_model(global: &Global, arg: &ModelArg) -> miette::Result<(LoadedModel, PathBuf)> {
+    let path = model_path(global, arg)?;
     let dtype = if arg.bf16 { DType::BF16 } else { DType::F32 };
     let start = Instant::now();
     let loaded = load(&path, dtype, &Device::Cpu).map_err(|err| miette!("{err}"))?;
@@ -146,7 +150,7 @@ pub fn score(global: &Global, args: ScoreArgs) -> miette::Result<ExitCode> {
         }
         let docs = score::tokenize(&loaded.tokenizer, &texts, loaded.config().bos_token_id)
             .map_err(|err| miette!("tokenizing {}: {err}", file.display()))?;
-        let bar = progress_bar(global, score::window_count(&docs, &opts) as u64);
+        let bar = progress_bar(global, score::window_count(&docs, &opts) as u64, "windows");
         let start = Instant::now();
         let scores = score::score(&loaded.model, &docs, &opts, |n| bar.inc(n as u64))
             .map_err(|err| miette!("scoring {}: {err}", file.display()))?;
@@ -177,16 +181,18 @@ pub fn score(global: &Global, args: ScoreArgs) -> miette::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn progress_bar(global: &Global, total: u64) -> indicatif::ProgressBar {
+/// A bar of `total` `unit`s on a terminal; hidden under `--quiet` and in
+/// pipes.
+pub(super) fn progress_bar(global: &Global, total: u64, unit: &str) -> indicatif::ProgressBar {
     if global.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return indicatif::ProgressBar::hidden();
     }
-    let style = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} windows {eta}")
-        .expect("the template is valid");
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {unit} {{eta}}");
+    let style = indicatif::ProgressStyle::with_template(&template).expect("the template is valid");
     indicatif::ProgressBar::new(total).with_style(style)
 }
 
-fn parse_task(name: &str) -> Result<Task, String> {
+pub(super) fn parse_task(name: &str) -> Result<Task, String> {
     Task::ALL
         .into_iter()
         .find(|t| t.name() == name)

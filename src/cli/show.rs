@@ -30,7 +30,30 @@ pub fn remember_recipe(store: &LocalStore, recipe: &Recipe) {
 }
 
 pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
-    let recipe_path = match args.recipe {
+    let (recipe, store, entries, index) = find_stage(global, args.recipe, &args.stage)?;
+    let entry = &entries[index];
+    println!("stage     {} (kind {})", entry.name, entry.kind);
+    match (&entry.decision, entry.key) {
+        (Decision::Cached, Some(key)) => print_artifact(&store, &key)?,
+        (Decision::Run(reasons), _) => {
+            println!("artifact  none: would run ({})", reasons.join("; "))
+        }
+        (Decision::Waits(dep), _) => println!("artifact  none: waits on `{dep}`"),
+        (Decision::Cached, None) => {}
+    }
+    println!("lineage");
+    print_lineage(&recipe, &entries, index, 1, &mut vec![false; recipe.instances.len()]);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The recipe (`--recipe`, else the last one run with the cache), its store,
+/// its plan, and the index of instance `stage` in it.
+fn find_stage(
+    global: &Global,
+    recipe: Option<PathBuf>,
+    stage: &str,
+) -> miette::Result<(Recipe, LocalStore, Vec<PlanEntry>, usize)> {
+    let recipe_path = match recipe {
         Some(path) => path,
         None => {
             let store = open_store(&cache_dir(global, None))?;
@@ -46,31 +69,37 @@ pub fn show(global: &Global, args: ShowArgs) -> miette::Result<ExitCode> {
     let recipe = load(global, &recipe_path, &[])?;
     let store = open_store(&cache_dir(global, Some(&recipe)))?;
     let entries = plan(&recipe, &store).map_err(|err| miette::miette!("cache: {err}"))?;
-    let Some(index) = recipe.instances.iter().position(|i| i.name == args.stage) else {
+    let Some(index) = recipe.instances.iter().position(|i| i.name == stage) else {
         let names: Vec<&str> = recipe.instances.iter().map(|i| i.name.as_str()).collect();
-        let hint = watchfire::recipe::did_you_mean(&args.stage, names.iter().copied())
+        let hint = watchfire::recipe::did_you_mean(stage, names.iter().copied())
             .map(|best| format!("did you mean `{best}`?"))
             .unwrap_or_else(|| format!("stages: {}", names.join(", ")));
-        return Err(miette::miette!(
-            help = hint,
-            "`{}` has no stage `{}`",
-            recipe.name,
-            args.stage
-        ));
+        return Err(miette::miette!(help = hint, "`{}` has no stage `{stage}`", recipe.name));
     };
-    let entry = &entries[index];
-    println!("stage     {} (kind {})", entry.name, entry.kind);
-    match (&entry.decision, entry.key) {
-        (Decision::Cached, Some(key)) => print_artifact(&store, &key)?,
-        (Decision::Run(reasons), _) => {
-            println!("artifact  none: would run ({})", reasons.join("; "))
-        }
-        (Decision::Waits(dep), _) => println!("artifact  none: waits on `{dep}`"),
-        (Decision::Cached, None) => {}
+    Ok((recipe, store, entries, index))
+}
+
+/// The output folder of instance `stage`'s cached artifact.
+pub fn stage_output(
+    global: &Global,
+    recipe: Option<PathBuf>,
+    stage: &str,
+) -> miette::Result<PathBuf> {
+    use watchfire::cache::{Lookup, Store};
+    let (recipe, store, entries, index) = find_stage(global, recipe, stage)?;
+    let not_built = || {
+        miette::miette!(
+            help = format!("run `watchfire run {}` first", recipe.path.display()),
+            "`{stage}` has no artifact in the cache"
+        )
+    };
+    let (Decision::Cached, Some(key)) = (&entries[index].decision, entries[index].key) else {
+        return Err(not_built());
+    };
+    match store.peek(&key).map_err(|err| miette::miette!("{err}"))? {
+        Lookup::Hit(artifact) => Ok(artifact.dir),
+        _ => Err(not_built()),
     }
-    println!("lineage");
-    print_lineage(&recipe, &entries, index, 1, &mut vec![false; recipe.instances.len()]);
-    Ok(ExitCode::SUCCESS)
 }
 
 fn print_artifact(store: &LocalStore, key: &watchfire::cache::CacheKey) -> miette::Result<()> {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::generate::log_softmax;
-use super::llama::{ForwardOptions, Llama};
+use super::llama::{ForwardOptions, Llama, ProjectionHook};
 
 /// How documents are cut and batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +106,18 @@ pub fn score(
     model: &Llama,
     docs: &[Vec<u32>],
     opts: &ScoreOptions,
+    progress: impl FnMut(usize),
+) -> Result<Vec<DocumentScore>> {
+    score_with_hook(model, None, docs, opts, progress)
+}
+
+/// [`score`] with an adapter hook on the projections (a LoRA), so an
+/// adapted model is scored without merging it first.
+pub fn score_with_hook(
+    model: &Llama,
+    hook: Option<&dyn ProjectionHook>,
+    docs: &[Vec<u32>],
+    opts: &ScoreOptions,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<DocumentScore>> {
     if opts.window < 2 || opts.stride == 0 || opts.stride > opts.window || opts.batch == 0 {
@@ -127,8 +139,11 @@ pub fn score(
         let ids = Tensor::from_vec(ids, (group.len(), width), device)?;
         let mask = Tensor::from_vec(mask, (group.len(), width), device)?;
         let padded = group.iter().any(|w| w.end - w.begin < width);
-        let opts =
-            ForwardOptions { attention_mask: padded.then_some(&mask), ..ForwardOptions::default() };
+        let opts = ForwardOptions {
+            attention_mask: padded.then_some(&mask),
+            hook,
+            ..ForwardOptions::default()
+        };
         let logits = model.forward(&ids, &opts)?.logits;
         for (row, w) in group.iter().enumerate() {
             // Logits at position p predict token p + 1.

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 pub use error::{RecipeError, RecipeErrorKind, did_you_mean};
 pub use json_schema::json_schema;
 pub use resolve::{
-    DEFAULT_VARIANT, InputBinding, LoadOptions, Recipe, StageInstance, load, project_root, resolve,
+    DEFAULT_VARIANT, InputBinding, LoadOptions, Recipe, StageInstance, gathered_slot,
+    gathered_variant, load, project_root, resolve,
 };
 pub use spans::{NodePath, NodeSpan, SpanIndex};
 

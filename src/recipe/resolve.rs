@@ -72,6 +72,20 @@ pub struct StageInstance {
     pub deps: Vec<usize>,
     pub resources: Resources,
     pub cache: bool,
+    /// Whether the instance gathers another stage across variants
+    /// (`STAGE@*`): it is shared by every variant and named by its stage id.
+    pub gathers: bool,
+}
+
+/// The input-slot name under which a gathering stage sees the instance of
+/// one variant: `evals[default]`, `evals[lora]`, `evals[sweep[a=1]]`.
+pub fn gathered_slot(slot: &str, variant: &str) -> String {
+    format!("{slot}[{variant}]")
+}
+
+/// The variant of a gathered slot name, when `name` is one for `slot`.
+pub fn gathered_variant<'a>(name: &'a str, slot: &str) -> Option<&'a str> {
+    name.strip_prefix(slot)?.strip_prefix('[')?.strip_suffix(']')
 }
 
 /// What an input slot is bound to.
@@ -87,7 +101,7 @@ impl Recipe {
     /// Keeps only the instances of the named variants. Instance names do
     /// not change: they were given with every variant in view.
     fn select_variants(&mut self, wanted: &[String]) -> Result<(), RecipeError> {
-        let matches = |name: &str, want: &str| name == want || name.split('[').next() == Some(want);
+        let matches = variant_matches;
         for want in wanted {
             if !self.variants.iter().any(|name| matches(name, want)) {
                 let err = RecipeError::new(
@@ -179,11 +193,21 @@ pub fn resolve(
     ctx.check_kinds()?;
 
     let variants = ctx.expand_variants()?;
+    let gatherers = ctx.gathering_stages()?;
     let mut used_params = BTreeSet::new();
+    let mut per_variant = Vec::new();
     for (name, params) in &variants {
-        used_params.extend(ctx.add_variant(name, params)?);
+        let (used, instance_of, deferred) = ctx.add_variant(name, params, &gatherers)?;
+        used_params.extend(used);
+        per_variant.push((name.clone(), instance_of, deferred));
     }
     ctx.check_variant_params(&used_params)?;
+    let wanted = |name: &str| {
+        options.variants.is_empty()
+            || options.variants.iter().any(|want| variant_matches(name, want))
+    };
+    per_variant.retain(|(name, _, _)| wanted(name));
+    ctx.add_gatherers(&gatherers, &per_variant)?;
 
     let Resolver { instances, .. } = ctx;
     let instances = instances.into_iter().map(named).collect();
@@ -206,10 +230,16 @@ pub fn resolve(
     Ok(recipe)
 }
 
+/// Whether `--variant want` selects variant `name`: by its own name, or a
+/// matrix variant by its base name.
+fn variant_matches(name: &str, want: &str) -> bool {
+    name == want || name.split('[').next() == Some(want)
+}
+
 /// Names an instance once every variant has been resolved: the stage id
 /// when the default variant uses it, else `stage@first-variant`.
 fn named(mut instance: StageInstance) -> StageInstance {
-    instance.name = if instance.variants.iter().any(|v| v == DEFAULT_VARIANT) {
+    instance.name = if instance.gathers || instance.variants.iter().any(|v| v == DEFAULT_VARIANT) {
         instance.stage.clone()
     } else {
         format!("{}@{}", instance.stage, instance.variants[0])
@@ -230,9 +260,21 @@ struct Resolver<'a> {
 /// A variant's name and its full params.
 type VariantParams = (String, IndexMap<String, Value>);
 
+/// A stage's resolved params and references under one variant.
+type Resolved = (Value, IndexMap<String, Reference>);
+
+/// What [`Resolver::add_variant`] returns: the params it read, the instance
+/// of each stage it resolved, and the gathering stages it left for later.
+type VariantResult = (BTreeSet<String>, HashMap<String, usize>, IndexMap<String, Resolved>);
+
 /// An input reference before it is bound.
 enum Reference {
     Stage {
+        stage: String,
+        output: Option<String>,
+    },
+    /// `STAGE@*` or `STAGE.output@*`: that stage's instance in every variant.
+    Gather {
         stage: String,
         output: Option<String>,
     },
@@ -391,14 +433,19 @@ impl<'a> Resolver<'a> {
         Ok(())
     }
 
-    /// Resolves every stage under one variant's params; returns the params read.
+    /// Resolves every stage under one variant's params. Stages that gather
+    /// across variants are only resolved here (their params and references
+    /// under this variant); [`Resolver::add_gatherers`] makes their instances
+    /// once every variant is known.
     fn add_variant(
         &mut self,
         variant: &str,
         params: &IndexMap<String, Value>,
-    ) -> Result<BTreeSet<String>, RecipeError> {
+        gatherers: &BTreeSet<String>,
+    ) -> Result<VariantResult, RecipeError> {
         let mut interp = Interpolator::new(params);
-        let mut resolved: IndexMap<String, (Value, IndexMap<String, Reference>)> = IndexMap::new();
+        let mut resolved: IndexMap<String, Resolved> = IndexMap::new();
+        let mut deferred: IndexMap<String, Resolved> = IndexMap::new();
         for (id, decl) in self.stages() {
             let stage_params = self.stage_params(&mut interp, id, decl)?;
             let mut refs = self.stage_refs(&mut interp, id, decl)?;
@@ -409,7 +456,8 @@ impl<'a> Resolver<'a> {
             if let Err(err) = self.kinds[id].check_inputs(&stage_params, &bound) {
                 return Err(self.input_error(id, &bound, err));
             }
-            resolved.insert(id.clone(), (stage_params, refs));
+            let side = if gatherers.contains(id) { &mut deferred } else { &mut resolved };
+            side.insert(id.clone(), (stage_params, refs));
         }
         let order = self.topological_order(&resolved)?;
 
@@ -418,20 +466,116 @@ impl<'a> Resolver<'a> {
             let (params, refs) = &resolved[&id];
             let mut inputs = BTreeMap::new();
             for (slot, reference) in refs {
-                let binding = match reference {
-                    Reference::Stage { stage, output } => {
-                        let file = output.as_ref().map(|stem| self.output_file(stage, stem));
-                        InputBinding::Stage { instance: instance_of[stage], output: file }
-                    }
-                    Reference::Path(path) => self.bind_path(&id, slot, path, "inputs")?,
-                    Reference::ParamPath(path) => self.bind_path(&id, slot, path, "params")?,
-                };
+                let binding = self.bind(&id, slot, reference, &instance_of)?;
                 inputs.insert(slot.clone(), binding);
             }
             let index = self.intern(&id, variant, params.clone(), inputs);
             instance_of.insert(id, index);
         }
-        Ok(interp.used)
+        Ok((interp.used, instance_of, deferred))
+    }
+
+    /// The binding of one non-gathering reference, given the instances of
+    /// the stages it may name.
+    fn bind(
+        &self,
+        id: &str,
+        slot: &str,
+        reference: &Reference,
+        instance_of: &HashMap<String, usize>,
+    ) -> Result<InputBinding, RecipeError> {
+        match reference {
+            Reference::Stage { stage, output } | Reference::Gather { stage, output } => {
+                let file = output.as_ref().map(|stem| self.output_file(stage, stem));
+                Ok(InputBinding::Stage { instance: instance_of[stage], output: file })
+            }
+            Reference::Path(path) => self.bind_path(id, slot, path, "inputs"),
+            Reference::ParamPath(path) => self.bind_path(id, slot, path, "params"),
+        }
+    }
+
+    /// Stages with an input `STAGE@*`. No stage may read one of them: a
+    /// gathering stage is shared by every variant, so it sits at the end of
+    /// the graph.
+    fn gathering_stages(&self) -> Result<BTreeSet<String>, RecipeError> {
+        let gathers = |text: &str| {
+            let stem = text.trim_end().strip_suffix("@*");
+            stem.is_some_and(|stem| !stem.contains('/') && !stem.starts_with('.'))
+        };
+        let gatherers: BTreeSet<String> = self
+            .stages()
+            .iter()
+            .filter(|(_, decl)| decl.inputs.values().any(|text| gathers(text)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for (id, decl) in self.stages() {
+            for (slot, text) in &decl.inputs {
+                let target = text.trim_end().trim_end_matches("@*");
+                let target = target.split('.').next().unwrap_or(target);
+                if gatherers.contains(target) {
+                    let span = self.spans().value_or_ancestor(&["stages", id, "inputs", slot]);
+                    return Err(self
+                        .error(
+                            K::Invalid,
+                            format!("stage `{id}` reads `{target}`, which gathers across variants"),
+                        )
+                        .label(span, "reads a gathering stage")
+                        .help(format!(
+                            "`{target}` is shared by every variant and must be a final stage; \
+                             read what it gathers instead"
+                        )));
+                }
+            }
+        }
+        Ok(gatherers)
+    }
+
+    /// Makes the one instance of each gathering stage: its `STAGE@*` slots
+    /// bound once per variant (as `slot[variant]`), its other inputs as in
+    /// the first variant. Its params must not depend on the variant.
+    fn add_gatherers(
+        &mut self,
+        gatherers: &BTreeSet<String>,
+        per_variant: &[(String, HashMap<String, usize>, IndexMap<String, Resolved>)],
+    ) -> Result<(), RecipeError> {
+        let Some((_, first_instances, first_deferred)) = per_variant.first() else {
+            return Ok(());
+        };
+        let ids: Vec<&String> = self.stages().keys().filter(|id| gatherers.contains(*id)).collect();
+        for id in ids {
+            let (params, refs) = &first_deferred[id];
+            if let Some((variant, _, _)) =
+                per_variant.iter().find(|(_, _, deferred)| deferred[id].0 != *params)
+            {
+                let span = self.spans().key_or_value(&["stages", id, "params"]);
+                return Err(self
+                    .error(
+                        K::Invalid,
+                        format!("the params of `{id}` differ in variant `{variant}`"),
+                    )
+                    .label(span, "read under every variant")
+                    .help(
+                        "a stage that gathers across variants runs once; keep variant params \
+                           out of its params",
+                    ));
+            }
+            let mut inputs = BTreeMap::new();
+            for (slot, reference) in refs {
+                let Reference::Gather { .. } = reference else {
+                    inputs.insert(slot.clone(), self.bind(id, slot, reference, first_instances)?);
+                    continue;
+                };
+                for (variant, instance_of, _) in per_variant {
+                    let binding = self.bind(id, slot, reference, instance_of)?;
+                    inputs.insert(gathered_slot(slot, variant), binding);
+                }
+            }
+            let index = self.intern(id, &per_variant[0].0, params.clone(), inputs);
+            let instance = &mut self.instances[index];
+            instance.gathers = true;
+            instance.variants = per_variant.iter().map(|(name, _, _)| name.clone()).collect();
+        }
+        Ok(())
     }
 
     fn stage_params(
@@ -563,6 +707,21 @@ impl<'a> Resolver<'a> {
     }
 
     fn parse_reference(&self, id: &str, slot: &str, text: &str) -> Result<Reference, RecipeError> {
+        if let Some(stage) = text.trim_end().strip_suffix("@*") {
+            return match self.parse_reference(id, slot, stage)? {
+                Reference::Stage { stage, output } => Ok(Reference::Gather { stage, output }),
+                _ => Err(self
+                    .error(
+                        K::Invalid,
+                        format!("input `{slot}` of stage `{id}`: `@*` follows a path"),
+                    )
+                    .label(
+                        self.spans().value_or_ancestor(&["stages", id, "inputs", slot]),
+                        "not a stage",
+                    )
+                    .help("`STAGE@*` gathers a stage across variants; a path has no variants")),
+            };
+        }
         if text.contains('/') || text.starts_with('.') {
             return Ok(Reference::Path(text.to_string()));
         }
@@ -685,7 +844,7 @@ impl<'a> Resolver<'a> {
 
     fn topological_order(
         &self,
-        resolved: &IndexMap<String, (Value, IndexMap<String, Reference>)>,
+        resolved: &IndexMap<String, Resolved>,
     ) -> Result<Vec<String>, RecipeError> {
         let mut graph: DiGraph<&str, &str> = DiGraph::new();
         let nodes: IndexMap<&str, NodeIndex> =
@@ -752,6 +911,7 @@ impl<'a> Resolver<'a> {
             deps,
             resources: decl.resources,
             cache: decl.cache,
+            gathers: false,
         };
         self.instances.push(instance);
         let index = self.instances.len() - 1;

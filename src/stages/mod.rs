@@ -1,11 +1,13 @@
 //! The stage kinds a recipe can name. One file per kind, named as in YAML.
 
 pub mod detail;
+pub mod eval;
 pub mod filter;
 pub mod merge;
 pub mod model;
 pub mod perplexity;
 pub mod probe;
+pub mod report;
 pub mod scene;
 pub mod seed;
 pub mod tasks;
@@ -25,4 +27,6 @@ pub static ALL: &[&dyn StageKind] = &[
     &Erased::<probe::Probe>::NEW,
     &Erased::<train::Train>::NEW,
     &Erased::<merge::Merge>::NEW,
+    &Erased::<eval::Eval>::NEW,
+    &Erased::<report::Report>::NEW,
 ];

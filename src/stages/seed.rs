@@ -1,11 +1,13 @@
 //! `seed`: reads the annotated seed reports (D_seed) into normalised records.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{write_json, write_jsonl};
+use crate::corpus::{Record, write_json, write_jsonl};
+use crate::schema::EntitySchema;
 use crate::stage::{InputSpec, ParamError, Stage, StageContext, StageError, Validate};
 use crate::synth::seed::{self, SeedStats, idrisi, jsonl, safenet};
 
@@ -54,6 +56,36 @@ impl Validate for SeedParams {
     }
 }
 
+/// Reads every report of a file or folder in `format`, at most `limit`;
+/// `on_file` is called after each file. Fails when there is none.
+pub fn read_reports(
+    input: &Path,
+    format: SeedFormat,
+    schema: &EntitySchema,
+    limit: Option<usize>,
+    mut on_file: impl FnMut(),
+) -> Result<(Vec<Record>, SeedStats), StageError> {
+    let (ext, read): (&str, Reader) = match format {
+        SeedFormat::Jsonl => ("jsonl", jsonl::read),
+        SeedFormat::Idrisi => ("jsonl", idrisi::read),
+        SeedFormat::Safenet => ("csv", safenet::read),
+    };
+    let files = seed::input_files(input, ext)?;
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut stats = SeedStats::default();
+    let mut records = Vec::new();
+    let mut ids = BTreeSet::new();
+    for file in &files {
+        read(file, schema, &mut records, &mut ids, &mut stats, limit)?;
+        stats.files.push(file.file_name().unwrap_or_default().to_string_lossy().into_owned());
+        on_file();
+    }
+    if records.is_empty() {
+        return Err(StageError::data(input, None, "no reports found"));
+    }
+    Ok((records, stats))
+}
+
 impl Stage for Seed {
     type Params = SeedParams;
 
@@ -71,27 +103,10 @@ impl Stage for Seed {
     const USES_SCHEMA: bool = true;
 
     fn run(params: &SeedParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let (ext, read): (&str, Reader) = match params.format {
-            SeedFormat::Jsonl => ("jsonl", jsonl::read),
-            SeedFormat::Idrisi => ("jsonl", idrisi::read),
-            SeedFormat::Safenet => ("csv", safenet::read),
-        };
         let input = ctx.input("data")?;
-        let files = seed::input_files(input, ext)?;
-        let limit = params.limit.unwrap_or(usize::MAX);
-        let progress = ctx.progress(Some(files.len() as u64), "files");
-        let mut stats = SeedStats::default();
-        let mut records = Vec::new();
-        let mut ids = BTreeSet::new();
-        for file in &files {
-            read(file, ctx.schema, &mut records, &mut ids, &mut stats, limit)?;
-            stats.files.push(file.file_name().unwrap_or_default().to_string_lossy().into_owned());
-            progress.inc(1);
-        }
-        if records.is_empty() {
-            return Err(StageError::data(input, None, "no reports found"));
-        }
-
+        let progress = ctx.progress(None, "files");
+        let (records, mut stats) =
+            read_reports(input, params.format, ctx.schema, params.limit, || progress.inc(1))?;
         let records = seed::select_share(records, params.share, ctx.seed);
         stats.count(&records);
         write_jsonl(&ctx.output("records.jsonl"), &records)?;
