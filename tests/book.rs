@@ -505,3 +505,69 @@ fn real_formats_are_read_from_a_data_root_outside_the_project() {
         assert!(stdout.contains(": 4 ran, 0 cached, 0 failed"), "{stdout}");
     }
 }
+
+/// The evaluation chapter's worked examples: each JSON block is scored as
+/// the `eval` stage scores an answer, and must give the figures it states.
+#[test]
+fn the_evaluation_chapters_worked_examples_hold() {
+    use std::collections::BTreeMap as Map;
+    use watchfire::adapt::tasks::{Example, KeyFact, REPORT_HEADER, Task};
+    use watchfire::eval::metrics::Lexicon;
+    use watchfire::eval::score::{ScoreConfig, outcome, score};
+    use watchfire::schema::{EntityRole, EntitySchema};
+
+    let page = page("book/src/evaluation.md");
+    let report = "At 14:30 in light rain a silver van hit the wall of 12 Mill Lane.";
+    assert!(page.contains(&format!("report:  {report}")), "the page's report changed");
+    let schema = EntitySchema(Map::from([
+        ("time".to_string(), EntityRole::Key),
+        ("vehicle".to_string(), EntityRole::Key),
+        ("location".to_string(), EntityRole::Key),
+        ("weather".to_string(), EntityRole::Peripheral),
+    ]));
+    let examples: Vec<Value> = blocks(&page, "json")
+        .iter()
+        .map(|b| serde_json::from_str::<Value>(b).unwrap())
+        .filter(|v| v.get("worked_example").is_some())
+        .collect();
+    assert_eq!(examples.len(), 3);
+    for ex in examples {
+        let task: Task = serde_json::from_value(ex["worked_example"].clone()).unwrap();
+        let pair = |v: &Value| (v[0].as_str().unwrap().to_string(), v[1].as_str().unwrap().to_string());
+        let example = Example {
+            id: "r:x".into(),
+            task,
+            source_id: "r".into(),
+            template_id: None,
+            prompt: format!("Do it.{REPORT_HEADER}{report}"),
+            target: ex["target"].as_str().unwrap().into(),
+            key_facts: ex["key_facts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    let (kind, value) = pair(v);
+                    KeyFact { kind, value }
+                })
+                .collect(),
+            spans: Vec::new(),
+        };
+        let lexicon = Lexicon::new(
+            ex.get("lexicon").and_then(Value::as_array).into_iter().flatten().map(|v| v.as_str().unwrap()),
+        );
+        let o = outcome(&example, ex["output"].as_str().unwrap(), false, &lexicon, &[]);
+        let config = ScoreConfig { schema: &schema, entity_types: &[], resamples: 10, seed: 0 };
+        let s = score(&[o], &config);
+        let found = Map::from([
+            ("key_f1", s.key_entities.as_ref().map(|e| e.f1.value)),
+            ("all_f1", s.all_entities.as_ref().map(|e| e.f1.value)),
+            ("cirs", s.cirs.map(|f| f.value)),
+            ("cci", s.cci.map(|f| f.value)),
+        ]);
+        for (name, want) in ex["expect"].as_object().unwrap() {
+            let got = found[name.as_str()].unwrap_or_else(|| panic!("{task:?}: no {name}"));
+            let want = want.as_f64().unwrap();
+            assert!((got - want).abs() < 1e-4, "{task:?} {name}: the page says {want}, scoring gives {got}");
+        }
+    }
+}
