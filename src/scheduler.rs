@@ -231,8 +231,14 @@ struct State<'a> {
 }
 
 impl State<'_> {
+    /// The slots `resources.cpu` asks for, or every slot for a stage that
+    /// runs a model (see `Stage::USES_ALL_CORES`).
     fn cpu_slots(&self, instance: &StageInstance) -> usize {
-        (instance.resources.cpu as usize).clamp(1, self.options.jobs.max(1))
+        let jobs = self.options.jobs.max(1);
+        if instance.kind.uses_all_cores() {
+            return jobs;
+        }
+        (instance.resources.cpu as usize).clamp(1, jobs)
     }
 
     fn settle(&mut self, index: usize, status: Status, key: Option<CacheKey>, duration: Duration) {

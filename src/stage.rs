@@ -102,6 +102,10 @@ pub trait Stage: Send + Sync + 'static {
     /// (GPU training); lock files then compare the `metrics.json` they write
     /// instead of their bytes.
     const DETERMINISTIC: bool = true;
+    /// Whether the stage runs a model: its tensor work already spreads over
+    /// every core, so the scheduler gives it every CPU slot rather than
+    /// running it beside other stages that would only slow it down.
+    const USES_ALL_CORES: bool = false;
 
     fn run(params: &Self::Params, ctx: &StageContext<'_>) -> Result<(), StageError>;
 
@@ -200,6 +204,7 @@ pub trait StageKind: Send + Sync {
     fn outputs(&self) -> &'static [&'static str];
     fn uses_schema(&self) -> bool;
     fn deterministic(&self) -> bool;
+    fn uses_all_cores(&self) -> bool;
     fn params_schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema;
     /// Parses params, checks their ranges and returns them with every
     /// default filled in: the form that goes into the cache key.
@@ -256,6 +261,10 @@ impl<S: Stage> StageKind for Erased<S> {
 
     fn deterministic(&self) -> bool {
         S::DETERMINISTIC
+    }
+
+    fn uses_all_cores(&self) -> bool {
+        S::USES_ALL_CORES
     }
 
     fn params_schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -533,7 +533,8 @@ fn the_evaluation_chapters_worked_examples_hold() {
     assert_eq!(examples.len(), 3);
     for ex in examples {
         let task: Task = serde_json::from_value(ex["worked_example"].clone()).unwrap();
-        let pair = |v: &Value| (v[0].as_str().unwrap().to_string(), v[1].as_str().unwrap().to_string());
+        let pair =
+            |v: &Value| (v[0].as_str().unwrap().to_string(), v[1].as_str().unwrap().to_string());
         let example = Example {
             id: "r:x".into(),
             task,
@@ -553,7 +554,11 @@ fn the_evaluation_chapters_worked_examples_hold() {
             spans: Vec::new(),
         };
         let lexicon = Lexicon::new(
-            ex.get("lexicon").and_then(Value::as_array).into_iter().flatten().map(|v| v.as_str().unwrap()),
+            ex.get("lexicon")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|v| v.as_str().unwrap()),
         );
         let o = outcome(&example, ex["output"].as_str().unwrap(), false, &lexicon, &[]);
         let config = ScoreConfig { schema: &schema, entity_types: &[], resamples: 10, seed: 0 };
@@ -567,7 +572,64 @@ fn the_evaluation_chapters_worked_examples_hold() {
         for (name, want) in ex["expect"].as_object().unwrap() {
             let got = found[name.as_str()].unwrap_or_else(|| panic!("{task:?}: no {name}"));
             let want = want.as_f64().unwrap();
-            assert!((got - want).abs() < 1e-4, "{task:?} {name}: the page says {want}, scoring gives {got}");
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{task:?} {name}: the page says {want}, scoring gives {got}"
+            );
         }
     }
+}
+
+/// The evaluation chapter's ablation: added to the paper recipe under
+/// `variants`, it brings exactly its own train and eval stages (the report
+/// reads them); every other stage instance is unchanged, so with a warm
+/// cache only those run.
+#[test]
+fn the_chapters_ablation_adds_only_its_own_stages() {
+    use watchfire::recipe::{LoadOptions, load};
+
+    let data = repo().join("../shared/data");
+    if !data.join("idrisi").is_dir() {
+        eprintln!("skipped: the paper recipe reads ../shared/data/idrisi, which is absent");
+        return;
+    }
+    let page = page("book/src/evaluation.md");
+    let snippet = block_starting(&page, "yaml", "  no_prefix:");
+    let paper = page_text("recipes/paper.yaml");
+    let dir = tempfile::tempdir_in(repo().join("recipes")).unwrap();
+    let with = dir.path().join("paper.yaml");
+    let text = paper.replace("\nvariants:\n", &format!("\nvariants:\n{snippet}"));
+    assert_ne!(text, paper, "the paper recipe has no `variants:`");
+    // The copy sits one folder deeper: its relative paths gain a `../`.
+    let text = text
+        .replace("data: data/", "data: ../data/")
+        .replace("general: data/", "general: ../data/");
+    let text = text.replace("../../shared/", "../../../shared/");
+    std::fs::write(&with, text).unwrap();
+
+    let options = LoadOptions { data_roots: vec![data], variants: Vec::new() };
+    let before = load(&repo().join("recipes/paper.yaml"), &options).unwrap();
+    let after = load(&with, &options).unwrap();
+    let signature = |r: &watchfire::recipe::Recipe, name: &str| {
+        let i = r.instances.iter().find(|i| i.name == name).unwrap();
+        (i.kind.kind(), i.params.to_string(), i.inputs.len())
+    };
+    let names = |r: &watchfire::recipe::Recipe| -> BTreeSet<String> {
+        r.instances.iter().map(|i| i.name.clone()).collect()
+    };
+    let added: Vec<String> = names(&after).difference(&names(&before)).cloned().collect();
+    assert_eq!(added, ["eval@no_prefix", "eval_real@no_prefix", "train@no_prefix"]);
+    for name in names(&before) {
+        if name != "report" {
+            assert_eq!(signature(&before, &name), signature(&after, &name), "{name} changed");
+        }
+    }
+    let report = |r: &watchfire::recipe::Recipe| {
+        r.instances.iter().find(|i| i.name == "report").unwrap().inputs.len()
+    };
+    assert_eq!(report(&after), report(&before) + 3, "the report gathers the new variant");
+}
+
+fn page_text(rel: &str) -> String {
+    page(rel)
 }

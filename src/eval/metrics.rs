@@ -52,7 +52,9 @@
 //! interpolation between order statistics: with the `m` values sorted
 //! ascending as `v[0] ..= v[m - 1]`, the `q`-th quantile is at rank
 //! `h = q (m - 1)`, and its value is `v[⌊h⌋] + (h - ⌊h⌋) (v[⌊h⌋ + 1] - v[⌊h⌋])`
-//! (the default rule of NumPy and R's type 7). With no documents or no
+//! (the default rule of NumPy and R's type 7). Resamples on which the
+//! statistic is undefined (NaN, such as CCI of a resample in which no output
+//! states a fact) are left out before the percentiles. With no documents or no
 //! resamples there is no interval, and both bounds are NaN.
 //!
 //! # CIRS: key information retention
@@ -274,6 +276,9 @@ pub fn bootstrap_interval<T>(
             statistic(&sample)
         })
         .collect();
+    // A resample can leave the statistic undefined (no output that states
+    // a fact, say); such resamples carry no information about its spread.
+    values.retain(|v| v.is_finite());
     values.sort_by(f64::total_cmp);
     (quantile(&values, 0.025), quantile(&values, 0.975))
 }

@@ -47,12 +47,20 @@ pub struct Outcome {
     pub consistency: Consistency,
 }
 
-/// A pooled ratio and its 95% bootstrap interval.
+/// A pooled ratio and its 95% bootstrap interval; the bounds are NaN (null
+/// in JSON) when no interval could be drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Figure {
     pub value: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub low: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub high: f64,
+}
+
+/// serde_json writes NaN as `null`; read it back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(de: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(de)?.unwrap_or(f64::NAN))
 }
 
 /// Precision, recall and F1 of entity extraction.
@@ -349,6 +357,15 @@ mod tests {
             outcome(&ex, "time: 09:00\nweather: light rain", false, &Lexicon::default(), &types);
         let counts = micro(o.counts.as_ref().unwrap());
         assert_eq!((counts.tp, counts.fp, counts.fn_), (1, 0, 0));
+    }
+
+    #[test]
+    fn a_figure_without_an_interval_survives_json() {
+        let f = Figure { value: 0.5, low: f64::NAN, high: f64::NAN };
+        let text = serde_json::to_string(&f).unwrap();
+        assert_eq!(text, r#"{"value":0.5,"low":null,"high":null}"#);
+        let back: Figure = serde_json::from_str(&text).unwrap();
+        assert!(back.value == 0.5 && back.low.is_nan() && back.high.is_nan());
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl Stage for Eval {
     ];
     const OUTPUTS: &'static [&'static str] =
         &["metrics.json", "outcomes.jsonl", "embeddings.jsonl"];
+    const USES_ALL_CORES: bool = true;
     const USES_SCHEMA: bool = true;
 
     fn run(params: &EvalParams, ctx: &StageContext<'_>) -> Result<(), StageError> {

@@ -50,6 +50,7 @@ impl Stage for Merge {
     ];
     const OUTPUTS: &'static [&'static str] =
         &["config.json", "model.safetensors", "tokenizer.json"];
+    const USES_ALL_CORES: bool = true;
 
     fn run(params: &MergeParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let base = load_model(ctx, params.dtype.dtype())?;

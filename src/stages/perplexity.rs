@@ -125,6 +125,7 @@ impl Stage for Perplexity {
         },
     ];
     const OUTPUTS: &'static [&'static str] = &["perplexity.json", "documents.jsonl"];
+    const USES_ALL_CORES: bool = true;
 
     fn run(params: &PerplexityParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let mut texts = read_documents(ctx.input("text")?, &params.text_field)?;

@@ -112,6 +112,7 @@ impl Stage for Probe {
     ];
     const OUTPUTS: &'static [&'static str] =
         &["mask.json", "heads.csv", "heatmap.svg", "probe.json"];
+    const USES_ALL_CORES: bool = true;
 
     fn run(params: &ProbeParams, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let base = load_model(ctx, params.dtype.dtype())?;

@@ -215,6 +215,7 @@ impl Stage for Train {
     ];
     const OUTPUTS: &'static [&'static str] =
         &["adapter", "model", "curves.jsonl", "loss.svg", "train.json"];
+    const USES_ALL_CORES: bool = true;
 
     fn check_inputs(params: &TrainParams, bound: &[&str]) -> Result<(), ParamError> {
         if params.method == Method::Selective && !bound.contains(&"mask") {
