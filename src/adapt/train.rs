@@ -316,7 +316,7 @@ impl<'a> Trainer<'a> {
                 hook: self.lora.as_ref().map(|l| l as &dyn ProjectionHook),
                 prefix: prefix.as_ref(),
                 hidden_layers: &hidden_layers,
-                last_logits_only: false,
+                ..ForwardOptions::default()
             };
             let out = self.model.forward(&batch.ids, &opts)?;
             let ce = cross_entropy(&out.logits, &batch)?;

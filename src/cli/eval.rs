@@ -80,13 +80,14 @@ pub fn eval(global: &Global, args: EvalArgs) -> miette::Result<ExitCode> {
         entity_types: &[],
         resamples: args.resamples,
         seed: args.seed,
+        batch: 8,
         embedding_layer: layers / 2,
         embedding_reports: 0,
         general: None,
     };
     let bar = super::model::progress_bar(global, examples.len() as u64, "answers");
-    let evaluation =
-        evaluate(&subject, &base, &examples, &config, || bar.inc(1)).map_err(|e| miette!("{e}"))?;
+    let evaluation = evaluate(&subject, &base, &examples, &config, |n| bar.inc(n as u64))
+        .map_err(|e| miette!("{e}"))?;
     bar.finish_and_clear();
     let metrics = EvalMetrics {
         subject: SubjectInfo::of(&subject, &base),

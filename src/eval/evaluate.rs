@@ -46,6 +46,8 @@ pub struct EvalConfig<'a> {
     pub entity_types: &'a [String],
     pub resamples: usize,
     pub seed: u64,
+    /// Prompts of one task decoded together.
+    pub batch: usize,
     /// Layer of the span embeddings, and how many reports to embed (0: none).
     pub embedding_layer: usize,
     pub embedding_reports: usize,
@@ -110,23 +112,39 @@ pub struct Evaluation {
     pub embedding_summary: Option<EmbeddingSummary>,
 }
 
-/// Runs [`Subject::answer`] on every example, then scores; `progress` is
-/// called after each answer.
+/// Answers every example, `config.batch` prompts of one task at a time
+/// (shortest first, so rows of a batch pad little), then scores; `progress`
+/// is called with the number of answers after each batch.
 pub fn evaluate(
     subject: &Subject,
     base: &LoadedModel,
     examples: &[Example],
     config: &EvalConfig<'_>,
-    mut progress: impl FnMut(),
+    mut progress: impl FnMut(usize),
 ) -> Result<Evaluation, SubjectError> {
     let lexicon = lexicon(examples);
-    let mut outcomes = Vec::with_capacity(examples.len());
-    for example in examples {
-        let (output, truncated) =
-            subject.answer(example.task, &example.prompt, config.max_tokens.of(example.task))?;
-        outcomes.push(outcome(example, &output, truncated, &lexicon, config.entity_types));
-        progress();
+    let mut answers: Vec<Option<(String, bool)>> = vec![None; examples.len()];
+    for task in Task::ALL {
+        let mut order: Vec<usize> =
+            (0..examples.len()).filter(|&i| examples[i].task == task).collect();
+        order.sort_by_key(|&i| (examples[i].prompt.len(), i));
+        for chunk in order.chunks(config.batch.max(1)) {
+            let prompts: Vec<&str> = chunk.iter().map(|&i| examples[i].prompt.as_str()).collect();
+            let batch = subject.answer_batch(task, &prompts, config.max_tokens.of(task))?;
+            for (&i, answer) in chunk.iter().zip(batch) {
+                answers[i] = Some(answer);
+            }
+            progress(chunk.len());
+        }
     }
+    let outcomes: Vec<Outcome> = examples
+        .iter()
+        .zip(answers)
+        .map(|(example, answer)| {
+            let (output, truncated) = answer.unwrap_or_default();
+            outcome(example, &output, truncated, &lexicon, config.entity_types)
+        })
+        .collect();
     let score_config = ScoreConfig {
         schema: config.schema,
         entity_types: config.entity_types,

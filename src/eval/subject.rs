@@ -4,7 +4,8 @@
 //! A `train` artifact holds `adapter/` and, for full fine-tuning, `model/`
 //! as well. When `model/` is there it replaces the base weights; the
 //! adapter folder still carries the prefixes and instructions. Greedy
-//! decoding runs one example at a time over a key/value cache.
+//! decoding runs over a key/value cache, one prompt at a time or several
+//! prompts of one task together, left-padded.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapt::batch::chat_prompt;
 use crate::adapt::export::Adapter;
 use crate::adapt::tasks::Task;
-use crate::model::generate::{Sampling, Stop, generate};
+use crate::model::generate::{Generation, Sampling, Stop, generate, generate_batch};
 use crate::model::llama::{ForwardOptions, KvPrefix, ProjectionHook};
 use crate::model::load::{LoadedModel, load};
 
@@ -150,6 +151,29 @@ impl Subject {
             |_| {},
         )
         .map_err(SubjectError::model("generating"))?;
+        self.decoded(&generation)
+    }
+
+    /// Greedy answers to several prompts of one task, decoded together
+    /// (see [`generate_batch`]); each with whether it was cut at the limit.
+    pub fn answer_batch(
+        &self,
+        task: Task,
+        prompts: &[&str],
+        max_tokens: usize,
+    ) -> Result<Vec<(String, bool)>, SubjectError> {
+        let ids: Vec<Vec<u32>> =
+            prompts.iter().map(|p| self.encode_prompt(p)).collect::<Result<_, _>>()?;
+        let _span =
+            tracing::trace_span!("answer_batch", task = task.name(), rows = ids.len()).entered();
+        let opts = self.options(Some(task));
+        let generations =
+            generate_batch(&self.loaded.model, &ids, max_tokens, &self.loaded.eos_ids, &opts)
+                .map_err(SubjectError::model("generating"))?;
+        generations.iter().map(|g| self.decoded(g)).collect()
+    }
+
+    fn decoded(&self, generation: &Generation) -> Result<(String, bool), SubjectError> {
         let text = self
             .loaded
             .tokenizer

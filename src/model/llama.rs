@@ -142,6 +142,9 @@ impl KvPrefix {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// `[batch, len]`, 1 for real tokens: kept once a masked batch was fed,
+    /// so later steps keep hiding its padding.
+    mask: Option<Tensor>,
 }
 
 impl KvCache {
@@ -161,6 +164,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.clear();
         self.len = 0;
+        self.mask = None;
     }
 
     /// Layer `i`'s keys (after RoPE) and values, `[batch, kv_heads, len, head_dim]`.
@@ -185,6 +189,13 @@ pub struct ForwardOptions<'a> {
     /// generation needs: the vocabulary projection is a fifth of a small
     /// model's work per token.
     pub last_logits_only: bool,
+    /// For batched generation over left-padded prompts: how many padding
+    /// columns begin each row (cached tokens included). Row `r`'s positions
+    /// are shifted down by `left_padding[r]`, so its first real token sits
+    /// at the position it would have alone, and RoPE (and an unrotated
+    /// prefix) see the same positions as an unpadded run. Padding columns
+    /// must be masked through `attention_mask` when they are fed.
+    pub left_padding: Option<&'a [usize]>,
 }
 
 /// The result of [`Llama::forward`].
@@ -253,7 +264,7 @@ impl Llama {
 
     /// Runs `ids` (`[batch, seq]`, u32) through the model.
     pub fn forward(&self, ids: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
-        self.run(ids, opts, None)
+        self.run(ids, opts, None, None)
     }
 
     /// Runs `ids` as the continuation of the tokens in `cache`, and appends
@@ -268,8 +279,24 @@ impl Llama {
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
         }
-        let output = self.run(ids, opts, Some(&mut cache.layers))?;
-        cache.len += ids.dim(1)?;
+        let past_mask = cache.mask.clone();
+        let output = self.run(ids, opts, Some(&mut cache.layers), past_mask.as_ref())?;
+        let (batch, seq) = ids.dims2()?;
+        if opts.attention_mask.is_some() || past_mask.is_some() {
+            let new = match opts.attention_mask {
+                Some(mask) => mask.to_dtype(DType::F32)?,
+                None => Tensor::ones((batch, seq), DType::F32, self.device())?,
+            };
+            cache.mask = Some(match past_mask {
+                Some(past) => Tensor::cat(&[&past, &new], 1)?,
+                None if cache.len > 0 => {
+                    let seen = Tensor::ones((batch, cache.len), DType::F32, self.device())?;
+                    Tensor::cat(&[&seen, &new], 1)?
+                }
+                None => new,
+            });
+        }
+        cache.len += seq;
         Ok(output)
     }
 
@@ -278,6 +305,7 @@ impl Llama {
         ids: &Tensor,
         opts: &ForwardOptions,
         mut cache: Option<&mut Vec<Option<(Tensor, Tensor)>>>,
+        past_mask: Option<&Tensor>,
     ) -> Result<ForwardOutput> {
         let _span = tracing::trace_span!("llama_forward", dims = ?ids.dims()).entered();
         let (batch, seq) = ids.dims2()?;
@@ -300,8 +328,13 @@ impl Llama {
 
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?;
         x = x.reshape((batch, seq, self.config.hidden_size))?;
-        let (cos, sin) = self.rope.at(prefix_len, seq)?;
-        let bias = self.attention_bias(batch, seq, prefix_len, opts.attention_mask)?;
+        let (cos, sin) = match opts.left_padding {
+            None => self.rope.at(prefix_len, seq)?,
+            Some(padding) => self.rope.at_rows(prefix_len, seq, padding)?,
+        };
+        let learned = opts.prefix.map_or(0, KvPrefix::len);
+        let visible = Visible { learned, past, past_mask, mask: opts.attention_mask };
+        let bias = self.attention_bias(batch, seq, &visible)?;
         let context =
             AttentionContext { cos: &cos, sin: &sin, bias: bias.as_ref(), hook: opts.hook };
 
@@ -328,18 +361,19 @@ impl Llama {
         Ok(ForwardOutput { logits, hidden })
     }
 
-    /// `[batch, 1, seq, prefix + seq]`: 0 where a query may attend, a large
-    /// negative number where it may not (later tokens, padding). Prefix
-    /// columns (a learned prefix and cached tokens) are always visible.
-    /// `None` when every query may see every key: one new token, no mask.
+    /// `[batch, 1, seq, prefix + past + seq]`: 0 where a query may attend, a
+    /// large negative number where it may not (later tokens, padding). A
+    /// learned prefix is always visible, cached tokens unless `past_mask`
+    /// hides them. `None` when every query may see every key: one new
+    /// token, no mask.
     fn attention_bias(
         &self,
         batch: usize,
         seq: usize,
-        prefix_len: usize,
-        mask: Option<&Tensor>,
+        visible: &Visible<'_>,
     ) -> Result<Option<Tensor>> {
-        if seq == 1 && mask.is_none() {
+        let prefix_len = visible.learned + visible.past;
+        if seq == 1 && visible.mask.is_none() && visible.past_mask.is_none() {
             return Ok(None);
         }
         let blocked = blocked_value(self.dtype());
@@ -351,24 +385,40 @@ impl Llama {
             }
         }
         let causal = Tensor::from_vec(causal, (1, 1, seq, total), self.device())?;
-        let Some(mask) = mask else {
+        if visible.mask.is_none() && visible.past_mask.is_none() {
             return causal.to_dtype(self.dtype()).map(Some);
-        };
-
-        if mask.dims() != [batch, seq] {
-            candle_core::bail!("attention mask is {:?}, expected [{batch}, {seq}]", mask.dims());
         }
-        let padding = mask.to_dtype(DType::F32)?.eq(0f64)?.to_dtype(DType::F32)?;
-        let padding = (padding * f64::from(blocked))?;
-        let padding = if prefix_len == 0 {
-            padding
-        } else {
-            let visible_prefix = Tensor::zeros((batch, prefix_len), DType::F32, self.device())?;
-            Tensor::cat(&[visible_prefix, padding], 1)?
+
+        let hidden = |mask: &Tensor, width: usize, what: &str| -> Result<Tensor> {
+            if mask.dims() != [batch, width] {
+                candle_core::bail!("{what} is {:?}, expected [{batch}, {width}]", mask.dims());
+            }
+            mask.to_dtype(DType::F32)?.eq(0f64)?.to_dtype(DType::F32)? * f64::from(blocked)
         };
-        let padding = padding.reshape((batch, 1, 1, total))?;
+        let zeros = |width: usize| Tensor::zeros((batch, width), DType::F32, self.device());
+        let mut columns = vec![zeros(visible.learned)?];
+        columns.push(match visible.past_mask {
+            Some(mask) => hidden(mask, visible.past, "the cached mask")?,
+            None => zeros(visible.past)?,
+        });
+        columns.push(match visible.mask {
+            Some(mask) => hidden(mask, seq, "attention mask")?,
+            None => zeros(seq)?,
+        });
+        let padding = Tensor::cat(&columns, 1)?.reshape((batch, 1, 1, total))?;
         causal.broadcast_add(&padding)?.to_dtype(self.dtype()).map(Some)
     }
+}
+
+/// Which keys a forward pass may see besides the causal rule.
+struct Visible<'a> {
+    /// Learned prefix columns: always visible.
+    learned: usize,
+    /// Cached columns, hidden where `past_mask` is 0.
+    past: usize,
+    past_mask: Option<&'a Tensor>,
+    /// The new tokens, hidden where `mask` is 0.
+    mask: Option<&'a Tensor>,
 }
 
 /// Large enough that exp() of it is 0, small enough not to overflow.
@@ -462,6 +512,26 @@ impl Rope {
             candle_core::bail!("{} positions asked for, the model has {max}", start + len);
         }
         Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
+    }
+
+    /// Per-row tables `[batch, 1, len, head_dim]` for positions
+    /// `start..start + len`, each row shifted down by its left padding
+    /// (padding columns, whose shifted position would be negative, get 0).
+    fn at_rows(&self, start: usize, len: usize, padding: &[usize]) -> Result<(Tensor, Tensor)> {
+        let max = self.cos.dim(0)?;
+        let positions: Vec<u32> = padding
+            .iter()
+            .flat_map(|&pad| (start..start + len).map(move |p| p.saturating_sub(pad) as u32))
+            .collect();
+        if let Some(&top) = positions.iter().max()
+            && top as usize >= max
+        {
+            candle_core::bail!("position {top} asked for, the model has {max}");
+        }
+        let index = Tensor::from_vec(positions, padding.len() * len, self.cos.device())?;
+        let dim = self.cos.dim(1)?;
+        let table = |t: &Tensor| t.index_select(&index, 0)?.reshape((padding.len(), 1, len, dim));
+        Ok((table(&self.cos)?, table(&self.sin)?))
     }
 }
 

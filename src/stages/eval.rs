@@ -45,6 +45,9 @@ pub struct EvalParams {
     pub entity_types: Vec<String>,
     /// Bootstrap resamples for the 95% intervals.
     pub resamples: usize,
+    /// Prompts of one subtask decoded together (left-padded, masked); 1 decodes one at a
+    /// time. The answers do not depend on it beyond floating-point summation order.
+    pub batch: usize,
     /// Hidden-state layer of the span embeddings; default: the middle layer, where the
     /// contrastive loss reads them by default.
     pub embedding_layer: Option<usize>,
@@ -69,6 +72,7 @@ impl Default for EvalParams {
             max_tokens: MaxTokens::default(),
             entity_types: Vec::new(),
             resamples: 1000,
+            batch: 8,
             embedding_layer: None,
             embedding_reports: 24,
             general_documents: 8,
@@ -92,6 +96,9 @@ impl Validate for EvalParams {
             if !(1..=1024).contains(&value) {
                 return Err(ParamError::new(name, "must be between 1 and 1024"));
             }
+        }
+        if !(1..=64).contains(&self.batch) {
+            return Err(ParamError::new("batch", "must be between 1 and 64"));
         }
         if self.resamples == 0 {
             return Err(ParamError::new("resamples", "must be at least 1")
@@ -121,10 +128,10 @@ impl Stage for Eval {
     type Params = EvalParams;
 
     const KIND: &'static str = "eval";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const DOC: &'static str = "Runs a model, with a trained adapter (its LoRA and each subtask's \
         prefix) or fine-tuned weights when `adapter` is given, on held-out `tasks` examples \
-        with greedy decoding, and scores the answers: key-entity and all-entity precision, \
+        with batched greedy decoding, and scores the answers: key-entity and all-entity precision, \
         recall and F1, CIRS (key facts a summary or alert keeps) and CCI (facts stated that \
         agree with the report), each with a 95% bootstrap interval. With `general` text it \
         also measures retained ability: the perplexity ratio against the base model and the \
@@ -181,6 +188,7 @@ impl Stage for Eval {
             entity_types: &params.entity_types,
             resamples: params.resamples,
             seed: ctx.seed,
+            batch: params.batch,
             embedding_layer: params.embedding_layer.unwrap_or(layers / 2).min(layers),
             embedding_reports: params.embedding_reports,
             general: (!general.is_empty()).then(|| {
@@ -196,8 +204,8 @@ impl Stage for Eval {
         };
         let progress = ctx.progress(Some(examples.len() as u64), "answers");
         let started = Instant::now();
-        let evaluation =
-            evaluate(&subject, &base, &examples, &config, || progress.inc(1)).map_err(failed)?;
+        let evaluation = evaluate(&subject, &base, &examples, &config, |n| progress.inc(n as u64))
+            .map_err(failed)?;
         ctx.notice(&format!(
             "{} answers in {:.1} s; {}",
             examples.len(),
