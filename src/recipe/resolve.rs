@@ -197,16 +197,16 @@ pub fn resolve(
     let mut used_params = BTreeSet::new();
     let mut per_variant = Vec::new();
     for (name, params) in &variants {
-        let (used, instance_of, deferred) = ctx.add_variant(name, params, &gatherers)?;
+        let (used, resolution) = ctx.add_variant(name, params, &gatherers)?;
         used_params.extend(used);
-        per_variant.push((name.clone(), instance_of, deferred));
+        per_variant.push(resolution);
     }
     ctx.check_variant_params(&used_params)?;
     let wanted = |name: &str| {
         options.variants.is_empty()
             || options.variants.iter().any(|want| variant_matches(name, want))
     };
-    per_variant.retain(|(name, _, _)| wanted(name));
+    per_variant.retain(|resolution| wanted(&resolution.variant));
     ctx.add_gatherers(&gatherers, &per_variant)?;
 
     let Resolver { instances, .. } = ctx;
@@ -263,9 +263,13 @@ type VariantParams = (String, IndexMap<String, Value>);
 /// A stage's resolved params and references under one variant.
 type Resolved = (Value, IndexMap<String, Reference>);
 
-/// What [`Resolver::add_variant`] returns: the params it read, the instance
-/// of each stage it resolved, and the gathering stages it left for later.
-type VariantResult = (BTreeSet<String>, HashMap<String, usize>, IndexMap<String, Resolved>);
+/// One variant resolved: the instance of each stage, and the gathering
+/// stages left for later with their params and references.
+struct Resolution {
+    variant: String,
+    instance_of: HashMap<String, usize>,
+    deferred: IndexMap<String, Resolved>,
+}
 
 /// An input reference before it is bound.
 enum Reference {
@@ -442,7 +446,7 @@ impl<'a> Resolver<'a> {
         variant: &str,
         params: &IndexMap<String, Value>,
         gatherers: &BTreeSet<String>,
-    ) -> Result<VariantResult, RecipeError> {
+    ) -> Result<(BTreeSet<String>, Resolution), RecipeError> {
         let mut interp = Interpolator::new(params);
         let mut resolved: IndexMap<String, Resolved> = IndexMap::new();
         let mut deferred: IndexMap<String, Resolved> = IndexMap::new();
@@ -472,7 +476,8 @@ impl<'a> Resolver<'a> {
             let index = self.intern(&id, variant, params.clone(), inputs);
             instance_of.insert(id, index);
         }
-        Ok((interp.used, instance_of, deferred))
+        let resolution = Resolution { variant: variant.to_string(), instance_of, deferred };
+        Ok((interp.used, resolution))
     }
 
     /// The binding of one non-gathering reference, given the instances of
@@ -536,16 +541,16 @@ impl<'a> Resolver<'a> {
     fn add_gatherers(
         &mut self,
         gatherers: &BTreeSet<String>,
-        per_variant: &[(String, HashMap<String, usize>, IndexMap<String, Resolved>)],
+        per_variant: &[Resolution],
     ) -> Result<(), RecipeError> {
-        let Some((_, first_instances, first_deferred)) = per_variant.first() else {
+        let Some(first) = per_variant.first() else {
             return Ok(());
         };
         let ids: Vec<&String> = self.stages().keys().filter(|id| gatherers.contains(*id)).collect();
         for id in ids {
-            let (params, refs) = &first_deferred[id];
-            if let Some((variant, _, _)) =
-                per_variant.iter().find(|(_, _, deferred)| deferred[id].0 != *params)
+            let (params, refs) = &first.deferred[id];
+            if let Some(Resolution { variant, .. }) =
+                per_variant.iter().find(|r| r.deferred[id].0 != *params)
             {
                 let span = self.spans().key_or_value(&["stages", id, "params"]);
                 return Err(self
@@ -562,18 +567,19 @@ impl<'a> Resolver<'a> {
             let mut inputs = BTreeMap::new();
             for (slot, reference) in refs {
                 let Reference::Gather { .. } = reference else {
-                    inputs.insert(slot.clone(), self.bind(id, slot, reference, first_instances)?);
+                    inputs
+                        .insert(slot.clone(), self.bind(id, slot, reference, &first.instance_of)?);
                     continue;
                 };
-                for (variant, instance_of, _) in per_variant {
-                    let binding = self.bind(id, slot, reference, instance_of)?;
-                    inputs.insert(gathered_slot(slot, variant), binding);
+                for resolution in per_variant {
+                    let binding = self.bind(id, slot, reference, &resolution.instance_of)?;
+                    inputs.insert(gathered_slot(slot, &resolution.variant), binding);
                 }
             }
-            let index = self.intern(id, &per_variant[0].0, params.clone(), inputs);
+            let index = self.intern(id, &first.variant, params.clone(), inputs);
             let instance = &mut self.instances[index];
             instance.gathers = true;
-            instance.variants = per_variant.iter().map(|(name, _, _)| name.clone()).collect();
+            instance.variants = per_variant.iter().map(|r| r.variant.clone()).collect();
         }
         Ok(())
     }
