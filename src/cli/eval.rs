@@ -58,6 +58,9 @@ pub struct EvalArgs {
     /// Bootstrap resamples for the intervals.
     #[arg(long, default_value_t = 1000)]
     pub resamples: usize,
+    /// Prompts of one task decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also write the metrics as JSON to this file (`-` for stdout).
@@ -80,7 +83,7 @@ pub fn eval(global: &Global, args: EvalArgs) -> miette::Result<ExitCode> {
         entity_types: &[],
         resamples: args.resamples,
         seed: args.seed,
-        batch: 8,
+        batch: args.batch,
         embedding_layer: layers / 2,
         embedding_reports: 0,
         general: None,
