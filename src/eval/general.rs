@@ -121,12 +121,14 @@ fn continuation_kl(
     let adapted = ForwardOptions { hook: subject.hook(), ..ForwardOptions::default() };
     let p = log_probs(&base.model, &ids, &plain, from, count)?;
     let q = log_probs(&subject.loaded.model, &ids, &adapted, from, count)?;
-    let kl = (p.exp().map_err(SubjectError::model("KL"))? * (&p - &q))
-        .and_then(|t| t.sum_all())
-        .and_then(|t| t.to_dtype(DType::F64))
-        .and_then(|t| t.to_scalar::<f64>())
-        .map_err(SubjectError::model("KL"))?;
+    let kl = summed_kl(&p, &q).map_err(SubjectError::model("KL"))?;
     Ok((kl, count))
+}
+
+/// `sum over rows of KL(p || q)` for log-probabilities `[rows, vocab]`:
+/// each row's `sum_v exp(p_v) (p_v - q_v)`, in nats.
+pub fn summed_kl(p: &Tensor, q: &Tensor) -> candle_core::Result<f64> {
+    (p.exp()? * (p - q)?)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
 /// Log-probabilities `[count, vocab]` at positions `from..from + count`.
@@ -147,4 +149,27 @@ fn log_probs(
         .and_then(|t| log_softmax(&t))
         .and_then(|t| t.contiguous())
         .map_err(SubjectError::model("log-softmax"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_rows(rows: &[[f32; 2]]) -> Tensor {
+        let flat: Vec<f32> = rows.iter().flatten().map(|p| p.ln()).collect();
+        Tensor::from_vec(flat, (rows.len(), 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn kl_of_hand_made_distributions() {
+        // KL([0.5, 0.5] || [0.9, 0.1]) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.5108 nats;
+        // a row compared with itself adds 0.
+        let p = log_rows(&[[0.5, 0.5], [0.2, 0.8]]);
+        let q = log_rows(&[[0.9, 0.1], [0.2, 0.8]]);
+        let kl = summed_kl(&p, &q).unwrap();
+        let want = 0.5 * (0.5f64 / 0.9).ln() + 0.5 * (0.5f64 / 0.1).ln();
+        assert!((kl - want).abs() < 1e-6, "{kl} vs {want}");
+        assert!((want - 0.5108).abs() < 1e-4);
+        assert_eq!(summed_kl(&p, &p).unwrap(), 0.0);
+    }
 }
