@@ -34,6 +34,18 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// `(x_min, x_max, y_min, y_max)` over the finite points of every series;
+/// the unit square when there is none.
+fn bounds(series: &[Series<'_>]) -> (f64, f64, f64, f64) {
+    let points =
+        series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 { (0.0, 1.0, 0.0, 1.0) } else { (x0, x1, y0, y1) }
+}
+
 /// A line chart of `series` with a legend, 720 x 400.
 pub fn line_chart(
     path: &Path,
@@ -43,15 +55,7 @@ pub fn line_chart(
     series: &[Series<'_>],
 ) -> Result<(), PlotError> {
     let err = plot_error(path);
-    let points =
-        series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-    }
-    if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
+    let (x0, mut x1, y0, y1) = bounds(series);
     if x1 - x0 < 1e-12 {
         x1 = x0 + 1.0;
     }
@@ -160,15 +164,7 @@ pub fn heat_map(
 /// carry no units (a t-SNE map has none).
 pub fn scatter(path: &Path, title: &str, groups: &[Series<'_>]) -> Result<(), PlotError> {
     let err = plot_error(path);
-    let points =
-        groups.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-    }
-    if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
+    let (x0, x1, y0, y1) = bounds(groups);
     let (px, py) = (((x1 - x0) * 0.05).max(1e-9), ((y1 - y0) * 0.05).max(1e-9));
     let root = SVGBackend::new(path, (520, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
