@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapt::batch::chat_prompt;
 use crate::adapt::export::Adapter;
 use crate::adapt::tasks::Task;
-use crate::model::generate::{Generation, Sampling, Stop, generate, generate_batch};
+use crate::model::generate::{Generation, Stop, generate_batch};
 use crate::model::llama::{ForwardOptions, KvPrefix, ProjectionHook};
 use crate::model::load::{LoadedModel, load};
 
@@ -127,31 +127,6 @@ impl Subject {
             .encode(text.as_str(), false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| SubjectError::Adapter(format!("tokenizing a prompt: {e}")))
-    }
-
-    /// The greedy answer to `prompt` under `task`, at most `max_tokens`
-    /// tokens, and whether it was cut at that limit.
-    pub fn answer(
-        &self,
-        task: Task,
-        prompt: &str,
-        max_tokens: usize,
-    ) -> Result<(String, bool), SubjectError> {
-        let ids = self.encode_prompt(prompt)?;
-        let _span =
-            tracing::trace_span!("answer", task = task.name(), prompt = ids.len()).entered();
-        let opts = self.options(Some(task));
-        let generation = generate(
-            &self.loaded.model,
-            &ids,
-            max_tokens,
-            &self.loaded.eos_ids,
-            &Sampling::greedy(),
-            &opts,
-            |_| {},
-        )
-        .map_err(SubjectError::model("generating"))?;
-        self.decoded(&generation)
     }
 
     /// Greedy answers to several prompts of one task, decoded together
