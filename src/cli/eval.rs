@@ -9,7 +9,9 @@ use clap::{Args, ValueEnum};
 use miette::{IntoDiagnostic, miette};
 use watchfire::adapt::tasks::{Example, Task, TaskConfig, build};
 use watchfire::corpus::{read_jsonl, read_records};
-use watchfire::eval::evaluate::{EvalConfig, MaxTokens, SubjectInfo, evaluate};
+use watchfire::eval::evaluate::{
+    EvalConfig, MaxTokens, SubjectInfo, evaluate, first_reports, report_count,
+};
 use watchfire::eval::score::Figure;
 use watchfire::eval::subject::{Subject, load_f32};
 use watchfire::schema::{EntityRole, EntitySchema};
@@ -94,11 +96,7 @@ pub fn eval(global: &Global, args: EvalArgs) -> miette::Result<ExitCode> {
     bar.finish_and_clear();
     let metrics = EvalMetrics {
         subject: SubjectInfo::of(&subject, &base),
-        reports: examples
-            .iter()
-            .map(|e| &e.source_id)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len(),
+        reports: report_count(&examples),
         scores: evaluation.scores,
         general: None,
         embeddings: None,
@@ -131,7 +129,7 @@ fn read_data(
         let schema = recipe_schema.unwrap_or_else(|| {
             schema_of(examples.iter().flat_map(|e| e.spans.iter().map(|s| s.kind.as_str())))
         });
-        return Ok((limit_reports(examples, args.max_reports), schema));
+        return Ok((first_reports(examples, args.max_reports.unwrap_or(0)), schema));
     }
     let records = match args.format {
         DataFormat::Records => read_records(&args.data).map_err(|e| miette!("{e}"))?,
@@ -164,22 +162,6 @@ fn read_data(
 /// A schema in which every given type is a key type.
 fn schema_of<'a>(types: impl IntoIterator<Item = &'a str>) -> EntitySchema {
     EntitySchema(types.into_iter().map(|t| (t.to_string(), EntityRole::Key)).collect())
-}
-
-fn limit_reports(examples: Vec<Example>, max: Option<usize>) -> Vec<Example> {
-    let Some(max) = max else { return examples };
-    let mut kept = std::collections::BTreeSet::new();
-    examples
-        .into_iter()
-        .filter(|e| {
-            if kept.contains(&e.source_id) || kept.len() < max {
-                kept.insert(e.source_id.clone());
-                true
-            } else {
-                false
-            }
-        })
-        .collect()
 }
 
 fn fmt(figure: Option<Figure>) -> String {

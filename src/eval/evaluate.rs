@@ -174,3 +174,26 @@ pub fn evaluate(
     });
     Ok(Evaluation { outcomes, scores, general, embeddings, embedding_summary })
 }
+
+/// How many reports the examples come from.
+pub fn report_count(examples: &[Example]) -> usize {
+    let ids: std::collections::BTreeSet<&str> =
+        examples.iter().map(|e| e.source_id.as_str()).collect();
+    ids.len()
+}
+
+/// The examples of the first `max` reports, in order; all when `max` is 0.
+pub fn first_reports(mut examples: Vec<Example>, max: usize) -> Vec<Example> {
+    if max == 0 {
+        return examples;
+    }
+    let mut kept = std::collections::BTreeSet::new();
+    examples.retain(|e| {
+        if !kept.contains(&e.source_id) && kept.len() >= max {
+            return false;
+        }
+        kept.insert(e.source_id.clone());
+        true
+    });
+    examples
+}

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapt::tasks::{Example, Task};
 use crate::corpus::{read_jsonl, write_json, write_jsonl};
-use crate::eval::evaluate::{EmbeddingSummary, EvalConfig, MaxTokens, SubjectInfo, evaluate};
+use crate::eval::evaluate::{
+    EmbeddingSummary, EvalConfig, MaxTokens, SubjectInfo, evaluate, first_reports, report_count,
+};
 use crate::eval::general::{GeneralConfig, GeneralScores};
 use crate::eval::score::Scores;
 use crate::eval::subject::{Subject, load_f32};
@@ -214,7 +216,7 @@ impl Stage for Eval {
         ));
         let metrics = EvalMetrics {
             subject: SubjectInfo::of(&subject, &base),
-            reports: count_reports(&examples),
+            reports: report_count(&examples),
             scores: evaluation.scores,
             general: evaluation.general,
             embeddings: evaluation.embedding_summary,
@@ -236,12 +238,6 @@ pub fn headline(scores: &Scores) -> String {
     )
 }
 
-fn count_reports(examples: &[Example]) -> usize {
-    let ids: std::collections::BTreeSet<&str> =
-        examples.iter().map(|e| e.source_id.as_str()).collect();
-    ids.len()
-}
-
 /// The examples to evaluate: the chosen split of a `tasks` artifact, or a
 /// JSONL file; only the chosen tasks and the first `max_reports` reports.
 fn read_examples(path: &Path, params: &EvalParams) -> Result<Vec<Example>, StageError> {
@@ -260,19 +256,7 @@ fn read_examples(path: &Path, params: &EvalParams) -> Result<Vec<Example>, Stage
         read_jsonl(path)?
     };
     examples.retain(|e| params.tasks.contains(&e.task));
-    if params.max_reports > 0 {
-        let mut kept = std::collections::BTreeSet::new();
-        examples.retain(|e| {
-            if kept.contains(&e.source_id) {
-                return true;
-            }
-            if kept.len() < params.max_reports {
-                kept.insert(e.source_id.clone());
-                return true;
-            }
-            false
-        });
-    }
+    let examples = first_reports(examples, params.max_reports);
     if examples.is_empty() {
         return Err(StageError::data(path, None, "has no examples of the chosen tasks"));
     }
