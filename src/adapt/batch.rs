@@ -10,7 +10,7 @@
 //! Batches pad on the right with the end-of-sequence id; padding is masked
 //! out of attention and of the loss.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use tokenizers::Tokenizer;
 
 use super::tasks::{Example, Task};
@@ -168,11 +168,12 @@ pub fn collate(
 /// vocab]`; the log-softmax is computed in f32.
 pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let vocab = logits.dim(2)?;
-    let logits = logits.reshape(((), vocab))?.to_dtype(DType::F32)?;
-    let log_probs = log_softmax(&logits)?;
-    let picked = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let total = (picked * &batch.scored)?.sum_all()?;
-    total.neg()? / batch.scored_count.max(1) as f64
+    let total = crate::model::ops::weighted_nll(
+        &logits.reshape(((), vocab))?,
+        &batch.labels,
+        &batch.scored,
+    )?;
+    total / batch.scored_count.max(1) as f64
 }
 
 /// Log-softmax over the last axis from differentiable ops (the max is a

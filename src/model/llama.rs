@@ -1,9 +1,10 @@
 //! [`Llama`]: a Llama-family decoder written for training.
 //!
-//! Every op on the forward path is a plain candle op with a backward pass
-//! (matmul, index-select, broadcast arithmetic, exp, silu, sums); softmax and
-//! RMSNorm are composed from them rather than taken from fused kernels that
-//! have no gradient. Three hooks are designed in:
+//! Every op on the forward path has a backward pass: plain candle ops
+//! (matmul, index-select, broadcast arithmetic, silu) and, on the CPU, the
+//! fused ops of [`super::ops`] (linear with a frozen weight, softmax,
+//! RMSNorm, RoPE), whose backward passes are written by hand and tested
+//! against the composed ops. Three hooks are designed in:
 //!
 //! - a [`ProjectionHook`] sees the input and output of every attention
 //!   projection (q, k, v, o) and may replace the output: this is where LoRA
@@ -21,16 +22,16 @@
 //! [`Llama::forward_cached`] keeps each layer's keys and values in a
 //! [`KvCache`] so that generation feeds one new token per step. When no
 //! tensor on the path needs a gradient (inference), RMSNorm and softmax use
-//! candle's fused CPU kernels instead of the composed ops; the results agree
-//! to rounding.
+//! candle's own fused kernels.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::LlamaConfig;
+use super::ops::{self, linear, softmax_last_dim};
 
 /// One of the four attention projections a [`ProjectionHook`] sees; in
 /// recipes `q`, `k`, `v` or `o`.
@@ -433,27 +434,6 @@ fn normal() -> Init {
     Init::Randn { mean: 0.0, stdev: 0.02 }
 }
 
-/// `x @ w^T` for `x` `[.., in]` and `w` `[out, in]`.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-    let out = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let mut shape = dims.to_vec();
-    *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
-    out.reshape(shape)
-}
-
-/// Softmax over the last dimension from differentiable ops. The max is
-/// detached: it only keeps exp() in range and cancels out of the gradient.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
-}
-
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -468,19 +448,8 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
-    /// Half-precision inputs are normalised in f32, as Hugging Face does.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.track_op() && !self.weight.track_op() && x.dtype() != DType::F64 {
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
-        }
-        let dtype = x.dtype();
-        let work = match dtype {
-            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-            _ => x.clone(),
-        };
-        let rms = (work.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        let normed = work.broadcast_div(&rms)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)
+        ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -533,15 +502,6 @@ impl Rope {
         let table = |t: &Tensor| t.index_select(&index, 0)?.reshape((padding.len(), 1, len, dim));
         Ok((table(&self.cos)?, table(&self.sin)?))
     }
-}
-
-/// `x * cos + rotate_half(x) * sin` for `x` `[b, heads, seq, head_dim]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 /// What every layer's attention shares in one forward pass.
@@ -617,8 +577,8 @@ impl Attention {
         let q = split(self.project(layer, Projection::Q, x, ctx)?, self.heads)?;
         let k = split(self.project(layer, Projection::K, x, ctx)?, self.kv_heads)?;
         let v = split(self.project(layer, Projection::V, x, ctx)?, self.kv_heads)?;
-        let q = apply_rope(&q, ctx.cos, ctx.sin)?;
-        let mut k = apply_rope(&k, ctx.cos, ctx.sin)?;
+        let q = ops::rope(&q, ctx.cos, ctx.sin)?;
+        let mut k = ops::rope(&k, ctx.cos, ctx.sin)?;
         let mut v = v;
         if let Some(slot) = past {
             if let Some((past_k, past_v)) = slot.as_ref() {

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod ops;
 pub mod score;
 pub mod source;
 pub mod tokenizer;
