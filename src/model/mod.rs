@@ -7,13 +7,18 @@
 //! with hooks for adapters, per-layer key/value prefixes and hidden-state
 //! taps; [`config`], [`gguf`] and [`tokenizer`] load it from an HF folder or
 //! a GGUF file; [`load`] reads a whole model (weights, tokenizer) from any of
-//! its layouts and exports it as a Hugging Face folder.
+//! its layouts and exports it as a Hugging Face folder. [`lora_kernels`] is
+//! per-head LoRA as one op, fused CUDA kernels on a GPU (`cuda_lora`, with
+//! the `cuda` feature) and composed candle ops as their CPU reference.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_lora;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod lora_kernels;
 pub mod ops;
 pub mod score;
 pub mod source;
