@@ -8,6 +8,8 @@
 //! - template generation: records per second on one core.
 //!
 //! `watchfire bench model` measures the model instead; see [`super::bench_model`].
+//! `watchfire bench kernels` checks and times the CUDA kernels; see
+//! [`super::bench_kernels`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -50,12 +52,17 @@ pub enum BenchWhat {
     /// Training tokens/s, trainable parameters, optimizer state and peak
     /// memory of selective LoRA, standard LoRA and full fine-tuning.
     Train(super::bench_train::BenchTrainArgs),
+    /// The fused per-head LoRA kernels (`--device cuda`): correctness against
+    /// the CPU reference, then time, GB/s and GFLOP/s against the unfused
+    /// candle composition.
+    Kernels(super::bench_kernels::BenchKernelsArgs),
 }
 
 pub fn bench(global: &Global, args: BenchArgs) -> miette::Result<ExitCode> {
     match args.what {
         Some(BenchWhat::Model(model)) => return super::bench_model::bench_model(global, model),
         Some(BenchWhat::Train(train)) => return super::bench_train::bench_train(global, train),
+        Some(BenchWhat::Kernels(kernels)) => return super::bench_kernels::bench_kernels(kernels),
         None => {}
     }
     let exe = std::env::current_exe().map_err(|err| miette::miette!("{err}"))?;

@@ -1,6 +1,7 @@
 //! Argument parsing and one function per subcommand.
 
 mod bench;
+mod bench_kernels;
 mod bench_model;
 mod bench_train;
 mod cache;
