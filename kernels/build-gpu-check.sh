@@ -15,6 +15,7 @@ set -eo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 source "$root/../shared/gpu/build-cuda.sh" "$root/.cuda"
+set -e # build-cuda.sh ends with `set +e`
 export CARGO_TARGET_DIR=$root/.cuda/target
 features=(--release --no-default-features --features cuda)
 cargo build "${features[@]}" --bin watchfire

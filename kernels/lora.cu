@@ -33,10 +33,12 @@
 
 typedef unsigned short bf16_bits;
 
-// Tokens per block of `low_rank_add`; each of its 8 warps reduces 2 tokens.
-#define TILE_TOKENS 16
+// Tokens per block of `low_rank_add`: each of its 8 warps reduces 4 tokens,
+// so every value of R staged in shared memory feeds 4 FMAs per load.
 #define WARPS 8
 #define THREADS (WARPS * 32)
+#define WARP_TOKENS 4
+#define TILE_TOKENS (WARPS * WARP_TOKENS)
 // Ranks are processed 16 at a time so that the accumulators stay in registers.
 #define RANK_CHUNK 16
 #define MAX_RANK 64
@@ -89,21 +91,20 @@ __device__ void low_rank_add(
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int tile0 = blockIdx.x * TILE_TOKENS;
-    const int tok0 = tile0 + 2 * warp;
-    const int tok1 = tok0 + 1;
+    const int tok0 = tile0 + WARP_TOKENS * warp;
     const int rank_chunks = (rank + RANK_CHUNK - 1) / RANK_CHUNK;
 
     for (int e = threadIdx.x; e < TILE_TOKENS * MAX_RANK; e += THREADS) {
         t_tile[e / MAX_RANK][e % MAX_RANK] = 0.0f;
     }
 
-    // t = in[:, in_idx] R^T, two tokens per warp, R staged through shared memory.
+    // t = in[:, in_idx] R^T, WARP_TOKENS tokens per warp, R staged through shared memory.
     for (int k0 = 0; k0 < rank; k0 += RANK_CHUNK) {
-        float acc0[RANK_CHUNK], acc1[RANK_CHUNK];
+        float acc[WARP_TOKENS][RANK_CHUNK];
 #pragma unroll
-        for (int q = 0; q < RANK_CHUNK; ++q) {
-            acc0[q] = 0.0f;
-            acc1[q] = 0.0f;
+        for (int w = 0; w < WARP_TOKENS; ++w) {
+#pragma unroll
+            for (int q = 0; q < RANK_CHUNK; ++q) acc[w][q] = 0.0f;
         }
         for (int i0 = 0; i0 < n_in; i0 += IN_CHUNK) {
             __syncthreads();
@@ -116,22 +117,26 @@ __device__ void low_rank_add(
             for (int ii = lane; ii < IN_CHUNK && i0 + ii < n_in; ii += 32) {
                 const int i = i0 + ii;
                 const long long col = in_idx ? in_idx[i] : i;
-                const float x0 = tok0 < tokens ? to_f32(in[tok0 * in_stride + col]) : 0.0f;
-                const float x1 = tok1 < tokens ? to_f32(in[tok1 * in_stride + col]) : 0.0f;
+                float xv[WARP_TOKENS];
+#pragma unroll
+                for (int w = 0; w < WARP_TOKENS; ++w) {
+                    const int tok = tok0 + w;
+                    xv[w] = tok < tokens ? to_f32(in[tok * in_stride + col]) : 0.0f;
+                }
 #pragma unroll
                 for (int q = 0; q < RANK_CHUNK; ++q) {
-                    acc0[q] += x0 * r_tile[q][ii];
-                    acc1[q] += x1 * r_tile[q][ii];
+                    const float rv = r_tile[q][ii];
+#pragma unroll
+                    for (int w = 0; w < WARP_TOKENS; ++w) acc[w][q] += xv[w] * rv;
                 }
             }
         }
 #pragma unroll
-        for (int q = 0; q < RANK_CHUNK; ++q) {
-            const float s0 = warp_sum(acc0[q]);
-            const float s1 = warp_sum(acc1[q]);
-            if (lane == 0 && k0 + q < rank) {
-                t_tile[2 * warp][k0 + q] = s0;
-                t_tile[2 * warp + 1][k0 + q] = s1;
+        for (int w = 0; w < WARP_TOKENS; ++w) {
+#pragma unroll
+            for (int q = 0; q < RANK_CHUNK; ++q) {
+                const float sum = warp_sum(acc[w][q]);
+                if (lane == 0 && k0 + q < rank) t_tile[WARP_TOKENS * warp + w][k0 + q] = sum;
             }
         }
     }

@@ -349,3 +349,45 @@ fn nvrtc_compiles_every_entry_point() {
         }
     }
 }
+
+#[test]
+fn shapes_the_kernels_cannot_take_are_errors() -> Result<()> {
+    let cpu = &Device::Cpu;
+    let x = Tensor::zeros((4, 8), DType::F32, cpu)?;
+    let w = Tensor::zeros((6, 8), DType::F32, cpu)?;
+    let sel = Selection::rows(&[0, 1, 2], cpu)?;
+    let a = Tensor::zeros((2, 8), DType::F32, cpu)?;
+    let b = Tensor::zeros((3, 2), DType::F32, cpu)?;
+    assert!(forward(&x, &w, &a, &b, &sel, 1.0).is_ok());
+    // B's rows must be the selected rows; A's columns all of x's.
+    let b_all = Tensor::zeros((6, 2), DType::F32, cpu)?;
+    assert!(forward(&x, &w, &a, &b_all, &sel, 1.0).is_err());
+    assert!(forward(&x, &w, &a.narrow(1, 0, 4)?, &b, &sel, 1.0).is_err());
+    // Rank above the kernels' accumulators.
+    let (a_wide, b_wide) =
+        (Tensor::zeros((65, 8), DType::F32, cpu)?, Tensor::zeros((3, 65), DType::F32, cpu)?);
+    assert!(forward(&x, &w, &a_wide, &b_wide, &sel, 1.0).is_err());
+    // The output gradient must match y.
+    let g = Tensor::zeros((4, 5), DType::F32, cpu)?;
+    assert!(backward(&x, &w, &a, &b, &sel, 1.0, &g).is_err());
+    Ok(())
+}
+
+/// The Rust side launches `kernels/lora.cu` with the geometry its `#define`s assume.
+#[test]
+fn launch_geometry_matches_the_kernel_source() {
+    use watchfire::model::lora_kernels::{
+        KERNEL_SOURCE, MAX_RANK, OUTER_TOKENS, THREADS, TILE_TOKENS,
+    };
+    let define = |name: &str| -> usize {
+        let line = KERNEL_SOURCE
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("kernels/lora.cu defines no {name}"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert_eq!(THREADS as usize, define("WARPS") * 32);
+    assert_eq!(TILE_TOKENS, define("WARPS") * define("WARP_TOKENS"));
+    assert_eq!(OUTER_TOKENS, define("OUTER_TOKENS"));
+    assert_eq!(MAX_RANK, define("MAX_RANK"));
+}

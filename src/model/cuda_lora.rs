@@ -4,11 +4,11 @@
 //!
 //! The base products (`x W^T` forward, `g W` backward) are cuBLAS matmuls
 //! through candle; the kernels then add the adapter term into that output in
-//! place, one pass over the touched columns. The backward pass runs four
+//! place, one pass over the touched columns. The backward pass runs six
 //! launches besides its matmul: `dx` with `u = g[:, rows] B` kept on the
-//! side, `t = x[:, cols] A^T`, and `dA` and `dB` as token-chunked partial sums
-//! reduced in a fixed order (no atomics, so the bytes do not depend on
-//! scheduling).
+//! side, `t = x[:, cols] A^T`, and `dA` and `dB` each as token-chunked
+//! partial sums and then their sum in a fixed order (no atomics, so the
+//! bytes do not depend on scheduling).
 //!
 //! The PTX targets NVRTC's default virtual architecture and the driver
 //! compiles it for the device when the module loads. The NVRTC library found
@@ -27,14 +27,12 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use crate::model::lora_kernels::{Grads, KERNEL_SOURCE, MAX_RANK, Selection};
+use crate::model::lora_kernels::{
+    Grads, KERNEL_SOURCE, MAX_RANK, OUTER_TOKENS, Selection, THREADS, TILE_TOKENS,
+};
 
 /// The module name under which candle caches the loaded kernels per device.
 const MODULE: &str = "watchfire_lora";
-/// Must match `THREADS`, `TILE_TOKENS` and `OUTER_TOKENS` in `kernels/lora.cu`.
-const THREADS: u32 = 256;
-const TILE_TOKENS: usize = 16;
-const OUTER_TOKENS: usize = 256;
 
 /// The PTX of `kernels/lora.cu`, compiled on first use. NVRTC needs no GPU,
 /// so this also runs (and is tested) on a machine without one.
@@ -361,6 +359,14 @@ pub fn lora_linear_fwd(
     let x_layout = Layout::contiguous_with_offset((tokens, inner), inputs.x_layout.start_offset());
     if !inputs.x_layout.is_contiguous() {
         candle_core::bail!("lora-linear: expected a contiguous input");
+    }
+    let (rank, a_inner) = inputs.a_layout.shape().dims2()?;
+    let (out, b_rank) = inputs.b_layout.shape().dims2()?;
+    if a_inner != inner || b_rank != rank || w.dims() != [out, inner] {
+        candle_core::bail!(
+            "lora-linear: x [.., {inner}], W {:?}, A [{rank}, {a_inner}], B [{out}, {b_rank}]",
+            w.dims()
+        );
     }
     let flat = Inputs { x_layout: &x_layout, ..*inputs };
     let (y, _) = forward(&flat, w, &Selection::all(), scale)?;

@@ -27,6 +27,13 @@ pub const KERNEL_SOURCE: &str = include_str!("../../kernels/lora.cu");
 /// The largest adapter rank the kernels take (their accumulators are sized for it).
 pub const MAX_RANK: usize = 64;
 
+/// The launch geometry `kernels/lora.cu` is written for, as its `#define`s
+/// give it (`tests/kernels.rs` checks the two agree): threads per block,
+/// tokens per block of `low_rank_add`, tokens per partial sum of `outer_partial`.
+pub const THREADS: u32 = 256;
+pub const TILE_TOKENS: usize = 32;
+pub const OUTER_TOKENS: usize = 256;
+
 /// blake3 of [`KERNEL_SOURCE`], as hex: a stage that may run these kernels
 /// puts it in its cache key, so editing them invalidates what they computed.
 pub fn kernel_source_hash() -> String {
@@ -117,6 +124,17 @@ impl Dims {
                 b.dims()
             );
         }
+        let index = [&sel.rows, &sel.cols].into_iter().flatten();
+        let on_x = |t: &Tensor| t.device().same_device(x.device());
+        if ![w, a, b].into_iter().chain(index.clone()).all(on_x)
+            || index.clone().any(|i| i.dtype() != DType::U32)
+        {
+            candle_core::bail!(
+                "lora-heads: W, A, B and the selection must be on x's device ({:?}), \
+                 the selection as u32",
+                x.device().location()
+            );
+        }
         Ok(dims)
     }
 }
@@ -158,7 +176,16 @@ pub fn backward(
     scale: f64,
     g: &Tensor,
 ) -> Result<Grads> {
-    Dims::of(x, w, a, b, sel)?;
+    let dims = Dims::of(x, w, a, b, sel)?;
+    if g.dims() != [dims.tokens, dims.out] || !g.device().same_device(x.device()) {
+        candle_core::bail!(
+            "lora-heads: the output gradient is {:?} on {:?}, expected [{}, {}] on x's device",
+            g.dims(),
+            g.device().location(),
+            dims.tokens,
+            dims.out
+        );
+    }
     if x.device().is_cuda() {
         return cuda_backward(x, w, a, b, sel, scale, g);
     }
