@@ -164,18 +164,6 @@ pub fn collate(
     })
 }
 
-/// Mean cross-entropy of the scored positions. `logits` is `[batch, seq,
-/// vocab]`; the log-softmax is computed in f32.
-pub fn cross_entropy(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
-    let vocab = logits.dim(2)?;
-    let total = crate::model::ops::weighted_nll(
-        &logits.reshape(((), vocab))?,
-        &batch.labels,
-        &batch.scored,
-    )?;
-    total / batch.scored_count.max(1) as f64
-}
-
 /// Log-softmax over the last axis from differentiable ops (the max is a
 /// constant shift and is detached).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
@@ -222,6 +210,33 @@ mod tests {
         let target = tokenizer.decode(&seq.ids[seq.target_start..], false).unwrap();
         assert_eq!(target, "location: Elm St<|im_end|>");
         assert!(encode(&tokenizer, &example(), 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_models_loss_matches_the_loss_from_its_logits() {
+        // Two rows of different lengths: padding, prompt positions and
+        // target positions, so scored and unscored rows interleave.
+        let tokenizer = byte_tokenizer();
+        let long = encode(&tokenizer, &example(), 512).unwrap().unwrap();
+        let mut short = long.clone();
+        short.ids.truncate(short.target_start + 3);
+        let batch = collate(&[&long, &short], 0, |_| 0, &Device::Cpu).unwrap();
+        let model = crate::adapt::testkit::tiny_loaded(5, candle_core::DType::F32).model;
+        let opts = crate::model::llama::ForwardOptions {
+            attention_mask: Some(&batch.attention),
+            ..Default::default()
+        };
+        let (nll, _) = model.nll(&batch.ids, &opts, &batch.labels, &batch.scored).unwrap();
+        let logits = model.forward(&batch.ids, &opts).unwrap().logits;
+        let vocab = logits.dim(2).unwrap();
+        let from_logits = crate::model::ops::weighted_nll(
+            &logits.reshape(((), vocab)).unwrap(),
+            &batch.labels,
+            &batch.scored,
+        )
+        .unwrap();
+        let (a, b) = (nll.to_scalar::<f32>().unwrap(), from_logits.to_scalar::<f32>().unwrap());
+        assert!(a > 0.0 && (a - b).abs() <= 1e-4 * b, "{a} vs {b}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::prefix::prefix_from_tensor;
 use super::tasks::Task;
 use super::train::{Method, Trainer};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::{KvPrefix, Projection, ProjectionHook};
+use crate::model::llama::{KvPrefix, LowRank, Projection, ProjectionHook};
 use crate::model::load::LoadedModel;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -178,6 +178,14 @@ impl ProjectionHook for LoadedLora {
             return Ok(output);
         };
         super::lora::add_low_rank(input, output, a, b, self.scale)
+    }
+
+    fn low_rank(&self, layer: usize, projection: Projection) -> Result<Option<LowRank>> {
+        Ok(self.pairs.get(&(layer, projection)).map(|(a, b)| LowRank {
+            a: a.clone(),
+            b: b.clone(),
+            scale: self.scale,
+        }))
     }
 }
 

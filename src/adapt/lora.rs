@@ -33,7 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::model::config::LlamaConfig;
-use crate::model::llama::{Projection, ProjectionHook};
+use crate::model::llama::{LowRank, Projection, ProjectionHook};
 
 /// Which query heads of which layers are adapted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +289,14 @@ impl ProjectionHook for Lora {
         // Adapters train in f32; a half-precision model computes in its own dtype.
         let (a, b) = (a.to_dtype(input.dtype())?, b.to_dtype(input.dtype())?);
         add_low_rank(input, output, &a, &b, self.config.scale())
+    }
+
+    fn low_rank(&self, layer: usize, projection: Projection) -> Result<Option<LowRank>> {
+        let Some(pair) = self.layers[layer].get(&projection) else {
+            return Ok(None);
+        };
+        let (a, b) = pair.effective()?;
+        Ok(Some(LowRank { a, b, scale: self.config.scale() }))
     }
 }
 

@@ -21,7 +21,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Sequence, collate, cross_entropy};
+use super::batch::{Sequence, collate};
 use super::contrastive::paired_order;
 use super::lora::HeadMask;
 use super::optim::{AdamW, AdamWParams};
@@ -175,8 +175,8 @@ pub fn probe(
         let batch = collate(&rows, pad, |_| 0, &device)?;
         tokens += batch.tokens;
         let opts = ForwardOptions { attention_mask: Some(&batch.attention), ..Default::default() };
-        let logits = model.forward(&batch.ids, &opts)?.logits;
-        let loss = cross_entropy(&logits, &batch)?;
+        let (nll, _) = model.nll(&batch.ids, &opts, &batch.labels, &batch.scored)?;
+        let loss = (nll / batch.scored_count.max(1) as f64)?;
         let value = f64::from(loss.to_scalar::<f32>()?);
         losses.push(value);
         let grads = loss.backward()?;

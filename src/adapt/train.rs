@@ -19,7 +19,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::batch::{Sequence, collate, cross_entropy};
+use super::batch::{Sequence, collate};
 use super::contrastive::{paired_order, span_infonce};
 use super::lora::{HeadMask, Lora, LoraConfig};
 use super::optim::{AdamW, AdamWParams, clip_grad_norm, learning_rate};
@@ -318,11 +318,13 @@ impl<'a> Trainer<'a> {
                 hidden_layers: &hidden_layers,
                 ..ForwardOptions::default()
             };
-            let out = self.model.forward(&batch.ids, &opts)?;
-            let ce = cross_entropy(&out.logits, &batch)?;
+            // The summed loss straight from the last hidden states: with a
+            // frozen vocabulary projection no `[rows, vocab]` logits are kept.
+            let (nll, hidden) = self.model.nll(&batch.ids, &opts, &batch.labels, &batch.scored)?;
+            let ce = (nll / batch.scored_count.max(1) as f64)?;
             ce_sum += f64::from(ce.to_scalar::<f32>()?);
             let mut loss = ce;
-            if let Some(hidden) = out.hidden.get(&config.contrastive_layer)
+            if let Some(hidden) = hidden.get(&config.contrastive_layer)
                 && let Some((con, n)) = span_infonce(hidden, &batch, config.temperature)?
             {
                 con_sum += f64::from(con.to_scalar::<f32>()?);

@@ -31,7 +31,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::LlamaConfig;
-use super::ops::{self, linear, softmax_last_dim};
+use super::ops::{self, linear};
 
 /// One of the four attention projections a [`ProjectionHook`] sees; in
 /// recipes `q`, `k`, `v` or `o`.
@@ -88,6 +88,22 @@ pub trait ProjectionHook: Send + Sync {
         input: &Tensor,
         output: Tensor,
     ) -> Result<Tensor>;
+
+    /// The hook as a low-rank pair, when it is plain LoRA: the model then
+    /// computes the projection and `scale * (x A^T) B^T` in one fused op
+    /// ([`ops::lora_linear`]) instead of calling [`ProjectionHook::apply`].
+    /// Both must give the same result.
+    fn low_rank(&self, _layer: usize, _projection: Projection) -> Result<Option<LowRank>> {
+        Ok(None)
+    }
+}
+
+/// `A` `[r, in]`, `B` `[out, r]` and the scale of a LoRA term.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 /// Key/value pairs prepended to every layer's attention.
@@ -301,13 +317,49 @@ impl Llama {
         Ok(output)
     }
 
+    /// The summed negative log-likelihood of `labels` (u32 `[batch * seq]`,
+    /// the token each position should predict) weighted by `weights` (f32
+    /// `[batch * seq]`, 0 for positions that are not scored), and the taps
+    /// `opts.hidden_layers` asks for: a training step's loss without the
+    /// `[batch * seq, vocab]` logits when the vocabulary projection is
+    /// frozen ([`ops::head_nll`]). `opts.last_logits_only` is ignored.
+    pub fn nll(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        labels: &Tensor,
+        weights: &Tensor,
+    ) -> Result<(Tensor, BTreeMap<usize, Tensor>)> {
+        let (x, hidden) = self.trunk(ids, opts, None, None)?;
+        let x = self.norm.forward(&x)?;
+        let x = x.reshape(((), self.config.hidden_size))?;
+        Ok((ops::head_nll(&x, &self.lm_head, labels, weights)?, hidden))
+    }
+
     fn run(
+        &self,
+        ids: &Tensor,
+        opts: &ForwardOptions,
+        cache: Option<&mut Vec<Option<(Tensor, Tensor)>>>,
+        past_mask: Option<&Tensor>,
+    ) -> Result<ForwardOutput> {
+        let (x, hidden) = self.trunk(ids, opts, cache, past_mask)?;
+        let seq = x.dim(1)?;
+        let x = if opts.last_logits_only { x.narrow(1, seq - 1, 1)? } else { x };
+        let x = self.norm.forward(&x)?;
+        let logits = linear(&x, &self.lm_head)?;
+        Ok(ForwardOutput { logits, hidden })
+    }
+
+    /// Every layer: the last layer's output before the final norm, and the
+    /// taps.
+    fn trunk(
         &self,
         ids: &Tensor,
         opts: &ForwardOptions,
         mut cache: Option<&mut Vec<Option<(Tensor, Tensor)>>>,
         past_mask: Option<&Tensor>,
-    ) -> Result<ForwardOutput> {
+    ) -> Result<(Tensor, BTreeMap<usize, Tensor>)> {
         let _span = tracing::trace_span!("llama_forward", dims = ?ids.dims()).entered();
         let (batch, seq) = ids.dims2()?;
         let past = match cache.as_deref() {
@@ -356,10 +408,7 @@ impl Llama {
             candle_core::bail!("hidden layer {bad} asked for, the model has {last} layers");
         }
 
-        let x = if opts.last_logits_only { x.narrow(1, seq - 1, 1)? } else { x };
-        let x = self.norm.forward(&x)?;
-        let logits = linear(&x, &self.lm_head)?;
-        Ok(ForwardOutput { logits, hidden })
+        Ok((x, hidden))
     }
 
     /// `[batch, 1, seq, prefix + past + seq]`: 0 where a query may attend, a
@@ -555,10 +604,15 @@ impl Attention {
             Projection::V => &self.v,
             Projection::O => &self.o,
         };
-        let out = linear(x, weight)?;
-        match ctx.hook {
-            Some(hook) => hook.apply(layer, projection, x, out),
-            None => Ok(out),
+        let Some(hook) = ctx.hook else {
+            return linear(x, weight);
+        };
+        match hook.low_rank(layer, projection)? {
+            Some(LowRank { a, b, scale }) => {
+                let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+                ops::lora_linear(x, weight, &a, &b, scale)
+            }
+            None => hook.apply(layer, projection, x, linear(x, weight)?),
         }
     }
 
@@ -574,11 +628,11 @@ impl Attention {
         let split = |t: Tensor, heads: usize| {
             t.reshape((batch, seq, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(self.project(layer, Projection::Q, x, ctx)?, self.heads)?;
-        let k = split(self.project(layer, Projection::K, x, ctx)?, self.kv_heads)?;
+        let q = self.project(layer, Projection::Q, x, ctx)?;
+        let q = ops::rope_heads(&q, self.heads, ctx.cos, ctx.sin)?;
+        let k = self.project(layer, Projection::K, x, ctx)?;
+        let mut k = ops::rope_heads(&k, self.kv_heads, ctx.cos, ctx.sin)?;
         let v = split(self.project(layer, Projection::V, x, ctx)?, self.kv_heads)?;
-        let q = ops::rope(&q, ctx.cos, ctx.sin)?;
-        let mut k = ops::rope(&k, ctx.cos, ctx.sin)?;
         let mut v = v;
         if let Some(slot) = past {
             if let Some((past_k, past_v)) = slot.as_ref() {
@@ -594,30 +648,9 @@ impl Attention {
             v = Tensor::cat(&[&expand(pv)?.contiguous()?, &v], 2)?;
         }
 
-        let attended = self.attend(&q, &k, &v, ctx.bias)?;
-        let attended =
-            attended.transpose(1, 2)?.reshape((batch, seq, self.heads * self.head_dim))?;
-        self.project(layer, Projection::O, &attended, ctx)
-    }
-
-    /// Grouped-query attention without copying K and V per query head: the
-    /// query heads that share a key/value head are stacked along the
-    /// sequence axis (head `h` uses key/value head `h / group`).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (batch, _, seq, _) = q.dims4()?;
-        let total = k.dim(2)?;
-        let group = self.heads / self.kv_heads;
-        let q = q.reshape((batch, self.kv_heads, group * seq, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = scores.reshape((batch, self.heads, seq, total))?;
-        let scores = match bias {
-            Some(bias) => scores.broadcast_add(bias)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?;
-        let probs = probs.reshape((batch, self.kv_heads, group * seq, total))?;
-        probs.matmul(v)?.reshape((batch, self.heads, seq, self.head_dim))
+        let attended = super::attention::attention(&q, &k, &v, scale, ctx.bias)?;
+        self.project(layer, Projection::O, &attended, ctx)
     }
 }
 
@@ -644,7 +677,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (linear(x, &self.gate)?.silu()? * linear(x, &self.up)?)?;
+        let gated = ops::swiglu(&linear(x, &self.gate)?, &linear(x, &self.up)?)?;
         linear(&gated, &self.down)
     }
 }

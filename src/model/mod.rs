@@ -6,11 +6,13 @@
 //! training on candle (every op on its forward pass has a backward pass),
 //! with hooks for adapters, per-layer key/value prefixes and hidden-state
 //! taps; [`config`], [`gguf`] and [`tokenizer`] load it from an HF folder or
-//! a GGUF file; [`load`] reads a whole model (weights, tokenizer) from any of
-//! its layouts and exports it as a Hugging Face folder. [`lora_kernels`] is
+//! a GGUF file; [`ops`] and [`attention`] are its fused CPU ops, each with
+//! its own backward pass; [`load`] reads a whole model (weights, tokenizer)
+//! from any of its layouts and exports it as a Hugging Face folder. [`lora_kernels`] is
 //! per-head LoRA as one op, fused CUDA kernels on a GPU (`cuda_lora`, with
 //! the `cuda` feature) and composed candle ops as their CPU reference.
 
+pub mod attention;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_lora;

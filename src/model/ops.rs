@@ -11,12 +11,21 @@
 //!
 //! - [`linear`]: `x W^T`; when `W` needs no gradient (a frozen base weight
 //!   under LoRA) the backward pass computes `dx` alone;
-//! - [`softmax_last_dim`]: its backward `y * (g - sum(g * y))` in one pass;
+//! - [`lora_linear`]: `x W^T + s (x A^T) B^T`, a frozen projection and its
+//!   adapter as one op, with `dx`, `dA` and `dB` from one backward pass;
+//! - [`softmax_last_dim`] and [`attention_probs`] (scale, mask and softmax
+//!   in one pass): the backward `y * (g - sum(g * y))` in one pass too;
 //! - [`rms_norm`]: `x / rms(x) * w`, with `dx` and (only when `w` trains) `dw`;
-//! - [`rope`]: the `rotate_half` rotation; its backward is the inverse
-//!   rotation;
+//! - [`rope_heads`]: the split into heads and the `rotate_half` rotation
+//!   in one pass; its backward is the inverse rotation;
+//! - [`swiglu`]: `silu(gate) * up`, the MLP's gate;
 //! - [`weighted_nll`]: summed, weighted negative log-likelihood straight
-//!   from logits, without the `[rows, vocab]` log-softmax tensors.
+//!   from logits, without the `[rows, vocab]` log-softmax tensors;
+//! - [`head_nll`]: the vocabulary projection and that loss together, a block
+//!   of rows at a time, skipping unscored rows, with `dx` computed on the
+//!   way so no `[rows, vocab]` tensor outlives its block.
+//!
+//! Attention itself is one op too, in [`super::attention`].
 //!
 //! Each falls back to the composed candle ops off the CPU or for dtypes
 //! other than f32, so results never depend on which path ran except through
@@ -32,6 +41,9 @@ use rayon::prelude::*;
 /// Rows per parallel work item: enough to amortise scheduling, few enough
 /// to balance two to sixteen threads.
 const ROW_BLOCK: usize = 16;
+
+/// Elements per parallel work item of the elementwise ops.
+const ELEMENT_BLOCK: usize = 1 << 14;
 
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -70,23 +82,40 @@ fn last_dim(layout: &Layout) -> Result<usize> {
 /// `x @ w^T` for `x` `[.., in]` and `w` `[out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
-    let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-    let x2 = x.reshape((rows, inner))?;
-    let out = if x.track_op() && !w.track_op() && x.device().is_cpu() {
-        x2.contiguous()?.apply_op1(FrozenLinear { wt: w.t()? })?
-    } else {
-        x2.matmul(&w.t()?)?
-    };
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
-    out.reshape(shape)
+    if x.track_op() && !w.track_op() && fast_path(x) && w.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() });
+    }
+    let (rows, inner) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+    x.reshape((rows, inner))?.matmul(&w.t()?)?.reshape(shape)
+}
+
+/// `x` `[.., in]` as the matrix `[rows, in]` it is in memory.
+fn as_rows(layout: &Layout) -> Result<(Layout, usize, usize)> {
+    let inner = last_dim(layout)?;
+    let rows = layout.shape().elem_count() / inner;
+    if !layout.is_contiguous() {
+        candle_core::bail!("expected a contiguous input, got strides {:?}", layout.stride());
+    }
+    Ok((Layout::contiguous_with_offset((rows, inner), layout.start_offset()), rows, inner))
+}
+
+/// `rows x inner` times the transpose of the `[n, inner]` matrix `m`.
+fn times_transpose(x: &CpuStorage, x_rows: &Layout, m: &Tensor) -> Result<CpuStorage> {
+    let (rows, inner) = x_rows.shape().dims2()?;
+    let (storage, layout) = m.storage_and_layout();
+    let Storage::Cpu(data) = &*storage else { candle_core::bail!("expected a CPU tensor") };
+    let n = layout.dims()[0];
+    x.matmul(data, (1, rows, n, inner), x_rows, &layout.transpose(0, 1)?)
 }
 
 /// `x W^T` with `W` held as a constant: the backward pass returns `dx = g W`
-/// and nothing for `W`.
+/// and nothing for `W`. Takes and returns any rank (`[.., in]` to `[.., out]`),
+/// so no reshape enters the graph.
 struct FrozenLinear {
-    /// `W^T`, `[in, out]` (a transposed view).
-    wt: Tensor,
+    /// `[out, in]`.
+    w: Tensor,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -95,18 +124,127 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, inner) = layout.shape().dims2()?;
-        let (storage, wt_layout) = self.wt.storage_and_layout();
-        let Storage::Cpu(wt) = &*storage else {
-            candle_core::bail!("frozen-linear: the weight is not on the CPU")
-        };
-        let out = wt_layout.dims()[1];
-        let y = x.matmul(wt, (1, rows, out, inner), layout, wt_layout)?;
-        Ok((y, Shape::from((rows, out))))
+        let (rows_layout, _, _) = as_rows(layout)?;
+        let y = times_transpose(x, &rows_layout, &self.w)?;
+        let mut shape = layout.dims().to_vec();
+        *shape.last_mut().expect("rank >= 1") = self.w.dim(0)?;
+        Ok((y, Shape::from(shape)))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        grad.matmul(&self.wt.t()?).map(Some)
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let out = self.w.dim(0)?;
+        let g = grad.reshape(((), out))?;
+        g.matmul(&self.w)?.reshape(x.dims()).map(Some)
+    }
+}
+
+// ----------------------------------------------------------------- LoRA
+
+/// `x W^T + scale (x A^T) B^T` for `x` `[.., in]`, a frozen `W` `[out, in]`,
+/// `A` `[r, in]` and `B` `[out, r]`, never forming `B A`. On the fast path
+/// the projection and its adapter are one op in the graph, and the backward
+/// pass returns `dx`, `dA` and `dB` directly.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let f32s = [w, a, b].iter().all(|t| t.dtype() == DType::F32);
+    if fast_path(x) && f32s && !w.track_op() {
+        let op = LoraLinear { w: w.clone(), scale: scale as f32 };
+        return x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op);
+    }
+    let y = linear(x, w)?;
+    y + (linear(&linear(x, a)?, b)? * scale)?
+}
+
+struct LoraLinear {
+    /// `[out, in]`, frozen.
+    w: Tensor,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows_layout, rows, inner) = as_rows(x_layout)?;
+        let (rank, a_inner) = a_layout.shape().dims2()?;
+        let (out, b_rank) = b_layout.shape().dims2()?;
+        if a_inner != inner || b_rank != rank || self.w.dims() != [out, inner] {
+            candle_core::bail!(
+                "lora-linear: x [.., {inner}], W {:?}, A [{rank}, {a_inner}], B [{out}, {b_rank}]",
+                self.w.dims()
+            );
+        }
+        let y = times_transpose(x, &rows_layout, &self.w)?;
+        let t = x.matmul(a, (1, rows, rank, inner), &rows_layout, &a_layout.transpose(0, 1)?)?;
+        let t_layout = Layout::contiguous((rows, rank));
+        let d = t.matmul(b, (1, rows, out, rank), &t_layout, &b_layout.transpose(0, 1)?)?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(d)) = (y, d) else {
+            candle_core::bail!("lora-linear: expected f32")
+        };
+        let scale = self.scale;
+        y.par_chunks_mut(ELEMENT_BLOCK).zip(d.par_chunks(ELEMENT_BLOCK)).for_each(|(y, d)| {
+            y.iter_mut().zip(d).for_each(|(y, d)| *y += scale * d);
+        });
+        let mut shape = x_layout.dims().to_vec();
+        *shape.last_mut().expect("rank >= 1") = out;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+
+    /// cuBLAS for `x W^T`, then the fused kernel of `kernels/lora.cu` adds the adapter in place.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        a: &candle_core::CudaStorage,
+        a_layout: &Layout,
+        b: &candle_core::CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = super::cuda_lora::Inputs { x, x_layout, a, a_layout, b, b_layout };
+        super::cuda_lora::lora_linear_fwd(&self.w, self.scale, &inputs)
+    }
+
+    /// With `g` `[rows, out]` and `gB = g B`: `dx = g W + s gB A`,
+    /// `dA = s gB^T x`, `dB = s g^T (x A^T)`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let scale = f64::from(self.scale);
+        let inner = x.dim(D::Minus1)?;
+        let out = self.w.dim(0)?;
+        let x2 = x.detach().reshape(((), inner))?;
+        let g = grad.reshape(((), out))?;
+        let (a_val, b_val) = (a.detach(), b.detach());
+        let gb = g.matmul(&b_val)?;
+        let dx = if x.track_op() {
+            let dx = (g.matmul(&self.w)? + (gb.matmul(&a_val)? * scale)?)?;
+            Some(dx.reshape(x.dims())?)
+        } else {
+            None
+        };
+        let da = if a.track_op() { Some((gb.t()?.matmul(&x2)? * scale)?) } else { None };
+        let db = if b.track_op() {
+            let t = x2.matmul(&a_val.t()?)?;
+            Some((g.t()?.matmul(&t)? * scale)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
     }
 }
 
@@ -118,50 +256,173 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         return candle_nn::ops::softmax_last_dim(x);
     }
     if fast_path(x) {
-        return x.contiguous()?.apply_op1(Softmax);
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        let op = ScaledSoftmax { scale: 1.0, bias: None, rows_per_bias: rows };
+        return x.contiguous()?.apply_op1(op);
     }
-    // Composed: the max only keeps exp() in range and cancels out of the
-    // gradient, so it is detached.
+    composed_softmax(x)
+}
+
+/// Softmax from differentiable ops. The max only keeps exp() in range and
+/// cancels out of the gradient, so it is detached.
+fn composed_softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
-fn softmax_row(x: &[f32], y: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = (x - max).exp();
-        sum += *y;
+/// Attention probabilities `softmax(scores * scale + bias)` for `scores`
+/// `[b, heads, seq, keys]` and an additive mask `bias` `[b or 1, 1, seq,
+/// keys]` (a constant: it gets no gradient).
+pub fn attention_probs(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (batch, heads, seq, keys) = scores.dims4()?;
+    if fast_path(scores) && bias.is_none_or(|b| b.dtype() == DType::F32) {
+        let rows_per_bias = match bias.map(Tensor::dims) {
+            None => batch * heads * seq,
+            Some([1, 1, s, k]) if (*s, *k) == (seq, keys) => batch * heads * seq,
+            Some([b, 1, s, k]) if (*b, *s, *k) == (batch, seq, keys) => heads * seq,
+            Some(other) => {
+                candle_core::bail!("attention bias {other:?} for scores {:?}", scores.dims())
+            }
+        };
+        let bias = bias.map(|b| b.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let op = ScaledSoftmax { scale: scale as f32, bias, rows_per_bias };
+        return scores.contiguous()?.apply_op1(op);
     }
-    let inv = 1.0 / sum;
-    y.iter_mut().for_each(|y| *y *= inv);
+    let scaled = (scores * scale)?;
+    let scaled = match bias {
+        Some(bias) => scaled.broadcast_add(bias)?,
+        None => scaled,
+    };
+    if scaled.track_op() {
+        composed_softmax(&scaled)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scaled)
+    }
 }
 
-struct Softmax;
+/// `softmax(x * scale + bias)` row by row. `bias`, when given, holds `[seq,
+/// keys]` blocks; a run of `rows_per_bias` consecutive rows shares one
+/// block (its row `r % seq`).
+struct ScaledSoftmax {
+    scale: f32,
+    bias: Option<Vec<f32>>,
+    rows_per_bias: usize,
+}
 
-impl CustomOp1 for Softmax {
+impl CustomOp1 for ScaledSoftmax {
     fn name(&self) -> &'static str {
-        "softmax"
+        "scaled-softmax"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let n = last_dim(layout)?;
         let x = f32_data(x, layout, "softmax")?;
+        let dims = layout.dims();
+        let seq = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n * ROW_BLOCK).zip(x.par_chunks(n * ROW_BLOCK)).for_each(|(y, x)| {
-            y.chunks_mut(n).zip(x.chunks(n)).for_each(|(y, x)| softmax_row(x, y))
-        });
+        y.par_chunks_mut(n * ROW_BLOCK).zip(x.par_chunks(n * ROW_BLOCK)).enumerate().for_each(
+            |(block, (y, x))| {
+                for (i, (y, x)) in y.chunks_mut(n).zip(x.chunks(n)).enumerate() {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x * self.scale;
+                    }
+                    if let Some(bias) = &self.bias {
+                        let row = block * ROW_BLOCK + i;
+                        let at = ((row / self.rows_per_bias) * seq + row % seq) * n;
+                        y.iter_mut().zip(&bias[at..at + n]).for_each(|(y, b)| *y += b);
+                    }
+                    softmax_in_place(y);
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad).map(Some)
+        y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale }).map(Some)
     }
 }
 
-/// `dx = y * (g - sum(g * y))`, row by row.
-struct SoftmaxGrad;
+pub(super) fn softmax_in_place(y: &mut [f32]) {
+    let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inv = 1.0 / exp_shifted(y, max);
+    y.iter_mut().for_each(|y| *y *= inv);
+}
+
+/// `x <- exp(x - shift)` over a slice, returning the new values' sum: the
+/// inner loop of every softmax here. Written so the compiler vectorises it
+/// (AVX2 where the CPU has it, chosen at run time), with no fused
+/// multiply-adds, so every x86-64 CPU computes the same bits.
+pub(super) fn exp_shifted(xs: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, the only feature the function enables.
+        return unsafe { exp_shifted_avx2(xs, shift) };
+    }
+    exp_shifted_body(xs, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn exp_shifted_avx2(xs: &mut [f32], shift: f32) -> f32 {
+    exp_shifted_body(xs, shift)
+}
+
+#[inline(always)]
+fn exp_shifted_body(xs: &mut [f32], shift: f32) -> f32 {
+    for x in xs.iter_mut() {
+        *x = exp(*x - shift);
+    }
+    // Eight running sums, added in a fixed order: vectorisable, and the
+    // same result on any machine.
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+/// `e^x` within a few ulp of `f32::exp` for `x` in [-87, 88]; below that it
+/// flushes to 0 (masked attention scores land there), above it saturates.
+/// `e^x = 2^n e^r` with `n = round(x / ln 2)` and `|r| <= ln(2) / 2`, `e^r`
+/// by its degree-7 Taylor polynomial (truncation error below 6e-9).
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding it rounds to an integer and leaves that integer
+    // in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-88.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let n_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // 2^n as a float; n = -127 (x below about -87.7) gives 0.
+    let scale = f32::from_bits(((n_int + 127).max(0) as u32) << 23);
+    p * scale
+}
+
+fn softmax_row(x: &[f32], y: &mut [f32]) {
+    y.copy_from_slice(x);
+    softmax_in_place(y);
+}
+
+/// `dx = scale * y * (g - sum(g * y))`, row by row.
+struct SoftmaxGrad {
+    scale: f32,
+}
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -185,7 +446,7 @@ impl CustomOp2 for SoftmaxGrad {
                 for (dx, (y, g)) in dx.chunks_mut(n).zip(y.chunks(n).zip(g.chunks(n))) {
                     let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
                     for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-                        *dx = y * (g - dot);
+                        *dx = self.scale * y * (g - dot);
                     }
                 }
             });
@@ -348,12 +609,15 @@ impl CustomOp3 for RmsNormGrad {
 
 // ------------------------------------------------------------------ RoPE
 
-/// `x * cos + rotate_half(x) * sin` for `x` `[b, heads, seq, head_dim]`,
-/// with tables `[seq, head_dim]` (every row at the same positions) or
-/// `[b, 1, seq, head_dim]` (per-row positions).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Splits `x` `[b, seq, heads * head_dim]` into heads and rotates each by
+/// RoPE (`x * cos + rotate_half(x) * sin`): `[b, heads, seq, head_dim]`,
+/// contiguous. The tables are `[seq, head_dim]` (every row at the same
+/// positions) or `[b, 1, seq, head_dim]` (per-row positions). On the fast
+/// path the head split and the rotation are one pass.
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (batch, seq, width) = x.dims3()?;
+    let dim = width / heads;
     if fast_path(x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
-        let (batch, _, seq, dim) = x.dims4()?;
         let per_row = match (cos.dims(), sin.dims()) {
             ([s, d], [s2, d2]) if (*s, *d, *s2, *d2) == (seq, dim, seq, dim) => false,
             ([b, 1, s, d], [b2, 1, s2, d2])
@@ -363,30 +627,55 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             }
             (c, s) => candle_core::bail!("rope: tables {c:?} and {s:?} for input {:?}", x.dims()),
         };
-        let op = Rope { cos: cos.contiguous()?, sin: sin.contiguous()?, per_row, inverse: false };
+        let op = Rope {
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            shape: (batch, seq, heads, dim),
+            per_row,
+            inverse: false,
+        };
         return x.contiguous()?.apply_op1(op);
     }
-    let half = x.dim(D::Minus1)? / 2;
+    let x = x.reshape((batch, seq, heads, dim))?.transpose(1, 2)?.contiguous()?;
+    let half = dim / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-/// The rotation, or (`inverse`) its transpose, which is its gradient:
-/// forward `y[i] = x[i] c[i] - x[i+h] s[i]` for the first half and
-/// `y[i] = x[i] c[i] + x[i-h] s[i]` for the second; the transpose moves
-/// each `s` term to the other half with the opposite sign.
+/// The head split and rotation, or (`inverse`) its transpose, which is its
+/// gradient: `[b, seq, heads, dim]` in, `[b, heads, seq, dim]` out, and the
+/// other way round for the inverse. Per head and position the rotation is
+/// `y[i] = x[i] c[i] - x[i+h] s[i]` on the first half and
+/// `y[i] = x[i] c[i] + x[i-h] s[i]` on the second; its transpose moves each
+/// `s` term to the other half with the opposite sign.
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// `(batch, seq, heads, dim)`.
+    shape: (usize, usize, usize, usize),
     per_row: bool,
     inverse: bool,
 }
 
 impl Rope {
-    fn table(t: &Tensor) -> Result<Vec<f32>> {
-        t.flatten_all()?.to_vec1::<f32>()
+    fn rotate(&self, y: &mut [f32], x: &[f32], b: usize, t: usize) {
+        let (_, seq, _, dim) = self.shape;
+        let table = if self.per_row { (b * seq + t) * dim } else { t * dim };
+        let c = &self.cos[table..table + dim];
+        let s = &self.sin[table..table + dim];
+        let half = dim / 2;
+        for i in 0..half {
+            let j = i + half;
+            if self.inverse {
+                y[i] = x[i] * c[i] + x[j] * s[j];
+                y[j] = x[j] * c[j] - x[i] * s[i];
+            } else {
+                y[i] = x[i] * c[i] - x[j] * s[i];
+                y[j] = x[j] * c[j] + x[i] * s[j];
+            }
+        }
     }
 }
 
@@ -396,42 +685,141 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, heads, seq, dim) = layout.shape().dims4()?;
+        let (batch, seq, heads, dim) = self.shape;
         let x = f32_data(x, layout, "rope")?;
-        let (cos, sin) = (Self::table(&self.cos)?, Self::table(&self.sin)?);
-        let half = dim / 2;
+        if x.len() != batch * seq * heads * dim {
+            candle_core::bail!("rope: {} values for shape {:?}", x.len(), self.shape);
+        }
         let mut y = vec![0f32; x.len()];
-        // One work item per (batch row, head): `seq` positions of `dim`.
-        y.par_chunks_mut(seq * dim).zip(x.par_chunks(seq * dim)).enumerate().for_each(
-            |(item, (y, x))| {
-                let table = if self.per_row { (item / heads) * seq * dim } else { 0 };
-                for (t, (y, x)) in y.chunks_mut(dim).zip(x.chunks(dim)).enumerate() {
-                    let c = &cos[table + t * dim..table + (t + 1) * dim];
-                    let s = &sin[table + t * dim..table + (t + 1) * dim];
-                    for i in 0..half {
-                        let j = i + half;
-                        if self.inverse {
-                            y[i] = x[i] * c[i] + x[j] * s[j];
-                            y[j] = x[j] * c[j] - x[i] * s[i];
-                        } else {
-                            y[i] = x[i] * c[i] - x[j] * s[i];
-                            y[j] = x[j] * c[j] + x[i] * s[j];
-                        }
-                    }
+        if self.inverse {
+            // Out `[b, seq, heads, dim]`: one work item per (b, t).
+            y.par_chunks_mut(heads * dim).enumerate().for_each(|(item, y)| {
+                let (b, t) = (item / seq, item % seq);
+                for (h, y) in y.chunks_mut(dim).enumerate() {
+                    let at = ((b * heads + h) * seq + t) * dim;
+                    self.rotate(y, &x[at..at + dim], b, t);
                 }
-            },
-        );
-        Ok((CpuStorage::F32(y), layout.shape().clone()))
+            });
+            Ok((CpuStorage::F32(y), Shape::from((batch, seq, heads * dim))))
+        } else {
+            // Out `[b, heads, seq, dim]`: one work item per (b, h).
+            y.par_chunks_mut(seq * dim).enumerate().for_each(|(item, y)| {
+                let (b, h) = (item / heads, item % heads);
+                for (t, y) in y.chunks_mut(dim).enumerate() {
+                    let at = ((b * seq + t) * heads + h) * dim;
+                    self.rotate(y, &x[at..at + dim], b, t);
+                }
+            });
+            Ok((CpuStorage::F32(y), Shape::from((batch, heads, seq, dim))))
+        }
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
+            shape: self.shape,
             per_row: self.per_row,
             inverse: !self.inverse,
         };
         grad.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    }
+}
+
+// -------------------------------------------------------------- SwiGLU
+
+/// `silu(gate) * up`, elementwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fast_path(gate) && up.dtype() == DType::F32 && gate.dims() == up.dims() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    gate.silu()? * up
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate = f32_data(gate, gate_layout, "swiglu")?;
+        let up = f32_data(up, up_layout, "swiglu")?;
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(ELEMENT_BLOCK)
+            .zip(gate.par_chunks(ELEMENT_BLOCK).zip(up.par_chunks(ELEMENT_BLOCK)))
+            .for_each(|(y, (gate, up))| {
+                for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                    *y = g * sigmoid(g) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let part = |of| gate.apply_op3_no_bwd(up, &grad, &SwiGluGrad { of });
+        let dgate = if gate.track_op() { Some(part(Of::Input)?) } else { None };
+        let dup = if up.track_op() { Some(part(Of::Weight)?) } else { None };
+        Ok((dgate, dup))
+    }
+}
+
+/// `Of::Input`: `d gate = g u s (1 + x (1 - s))` with `s = sigmoid(gate)`;
+/// `Of::Weight`: `d up = g silu(gate)`.
+struct SwiGluGrad {
+    of: Of,
+}
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+        g: &CpuStorage,
+        g_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate = f32_data(gate, gate_layout, "swiglu-grad")?;
+        let up = f32_data(up, up_layout, "swiglu-grad")?;
+        let g = f32_data(g, g_layout, "swiglu-grad")?;
+        let mut d = vec![0f32; gate.len()];
+        let of = self.of;
+        d.par_chunks_mut(ELEMENT_BLOCK)
+            .zip(gate.par_chunks(ELEMENT_BLOCK))
+            .zip(up.par_chunks(ELEMENT_BLOCK).zip(g.par_chunks(ELEMENT_BLOCK)))
+            .for_each(|((d, gate), (up, g))| {
+                for (((d, &x), &u), &g) in d.iter_mut().zip(gate).zip(up).zip(g) {
+                    let s = sigmoid(x);
+                    *d = match of {
+                        Of::Input => g * u * s * (1.0 + x * (1.0 - s)),
+                        Of::Weight => g * x * s,
+                    };
+                }
+            });
+        Ok((CpuStorage::F32(d), gate_layout.shape().clone()))
     }
 }
 
@@ -554,6 +942,148 @@ impl CustomOp3 for WeightedNllGrad {
     }
 }
 
+/// Rows of the vocabulary projection per work item of [`head_nll`]: a
+/// `[64, vocab]` block of logits (12 MiB for a 49,152-token vocabulary) is
+/// the most that exists at once per thread.
+const HEAD_ROWS: usize = 64;
+
+/// `weighted_nll(x W^T, labels, weights)` for `x` `[rows, hidden]` and the
+/// vocabulary projection `W` `[vocab, hidden]`. When `W` is frozen (LoRA
+/// and prefix training) the fast path never holds more than a block of
+/// logits: each block of scored rows is projected, turned into its loss
+/// and, when `x` needs a gradient, straight into `dx = dlogits W`, which the
+/// op keeps for its backward pass (the loss is a scalar, so the backward
+/// only scales it). Unscored rows (weight 0) are never projected at all:
+/// in instruction tuning that is every prompt position.
+pub fn head_nll(x: &Tensor, w: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let vocab = w.dim(0)?;
+    let label_values = labels.to_vec1::<u32>()?;
+    if let Some(&bad) = label_values.iter().find(|&&l| l as usize >= vocab) {
+        candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
+    }
+    if fast_path(x) && w.dtype() == DType::F32 && !w.track_op() {
+        let op = HeadNll { w: w.clone(), grad: x.track_op(), dx: std::sync::Mutex::new(None) };
+        return x.contiguous()?.apply_op3(
+            &labels.contiguous()?,
+            &weights.to_dtype(DType::F32)?.contiguous()?,
+            op,
+        );
+    }
+    weighted_nll(&linear(x, w)?, labels, weights)
+}
+
+struct HeadNll {
+    /// `[vocab, hidden]`, frozen.
+    w: Tensor,
+    /// Whether to compute `dx` during the forward pass.
+    grad: bool,
+    /// `d loss / dx`, `[rows, hidden]`, for the backward pass.
+    dx: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for HeadNll {
+    fn name(&self) -> &'static str {
+        "head-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        labels: &CpuStorage,
+        labels_layout: &Layout,
+        weights: &CpuStorage,
+        weights_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, hidden) = x_layout.shape().dims2()?;
+        let x = f32_data(x, x_layout, "head-nll")?;
+        let labels = u32_data(labels, labels_layout, "head-nll labels")?;
+        let weights = f32_data(weights, weights_layout, "head-nll weights")?;
+        if labels.len() != rows || weights.len() != rows {
+            candle_core::bail!(
+                "head-nll: {rows} rows, {} labels, {} weights",
+                labels.len(),
+                weights.len()
+            );
+        }
+        let (storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else {
+            candle_core::bail!("head-nll: W is not on the CPU")
+        };
+        let w = f32_data(w, w_layout, "head-nll weight")?;
+        let vocab = w.len() / hidden;
+        let scored: Vec<usize> = (0..rows).filter(|&r| weights[r] != 0.0).collect();
+        // Per block: the rows' losses, and their `dx` rows when asked for.
+        let blocks: Vec<(Vec<f32>, Vec<f32>)> = scored
+            .par_chunks(HEAD_ROWS)
+            .map(|block| {
+                let n = block.len();
+                let mut xs = Vec::with_capacity(n * hidden);
+                for &r in block {
+                    xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+                }
+                let mut logits = vec![0f32; n * vocab];
+                let wt = super::attention::View::rows(w, vocab, hidden).t();
+                let xs_view = super::attention::View::rows(&xs, n, hidden);
+                super::attention::matmul(&mut logits, vocab, xs_view, wt, false);
+                let mut losses = Vec::with_capacity(n);
+                for (row, &r) in logits.chunks_mut(vocab).zip(block) {
+                    let (label, weight) = (labels[r] as usize, weights[r]);
+                    let picked = row[label];
+                    // One exp per logit: the row becomes exp(l - max), its
+                    // sum gives the log-normaliser, and (with a gradient
+                    // wanted) one scaling turns it into the probabilities.
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum = exp_shifted(row, max);
+                    losses.push(weight * (max + sum.ln() - picked));
+                    if self.grad {
+                        let k = weight / sum;
+                        row.iter_mut().for_each(|l| *l *= k);
+                        row[label] -= weight;
+                    }
+                }
+                let mut dx = Vec::new();
+                if self.grad {
+                    dx = vec![0f32; n * hidden];
+                    let dlogits = super::attention::View::rows(&logits, n, vocab);
+                    let wv = super::attention::View::rows(w, vocab, hidden);
+                    super::attention::matmul(&mut dx, hidden, dlogits, wv, false);
+                }
+                (losses, dx)
+            })
+            .collect();
+        // Summed in row order, so the result does not depend on threads.
+        let total: f32 = blocks.iter().flat_map(|(losses, _)| losses).sum();
+        if self.grad {
+            let mut dx = vec![0f32; rows * hidden];
+            for (block, (_, rows_dx)) in scored.chunks(HEAD_ROWS).zip(&blocks) {
+                for (&r, d) in block.iter().zip(rows_dx.chunks(hidden)) {
+                    dx[r * hidden..(r + 1) * hidden].copy_from_slice(d);
+                }
+            }
+            *self.dx.lock().expect("head-nll lock") = Some(dx);
+        }
+        Ok((CpuStorage::F32(vec![total]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _labels: &Tensor,
+        _weights: &Tensor,
+        _loss: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.dx.lock().expect("head-nll lock");
+        let Some(dx) = guard.as_ref() else {
+            candle_core::bail!("head-nll: backward through a forward pass that kept no gradient")
+        };
+        let scale = f64::from(grad.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        let dx = (Tensor::from_slice(dx, x.dims(), x.device())? * scale)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -620,23 +1150,43 @@ mod tests {
 
     #[test]
     fn rope_matches_the_composed_ops_with_shared_and_per_row_tables() {
-        let (cos, sin) = (random(&[6, 8], 4).cos().unwrap(), random(&[6, 8], 5).sin().unwrap());
+        for (tables, seed) in [(vec![6, 8], 4), (vec![2, 1, 6, 8], 7)] {
+            let cos = random(&tables, seed).cos().unwrap();
+            let sin = random(&tables, seed + 1).sin().unwrap();
+            check(
+                &[random(&[2, 6, 3 * 8], seed + 2)],
+                |t| {
+                    let dtype = t[0].dtype();
+                    let (c, s) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
+                    rope_heads(&t[0], 3, &c, &s).unwrap()
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn attention_probs_match_the_composed_ops_with_each_kind_of_mask() {
+        let shared = random(&[1, 1, 5, 7], 17);
+        let per_row = random(&[2, 1, 5, 7], 18);
+        for bias in [None, Some(&shared), Some(&per_row)] {
+            check(
+                &[random(&[2, 3, 5, 7], 19)],
+                |t| {
+                    let dtype = t[0].dtype();
+                    let bias = bias.map(|b| b.to_dtype(dtype).unwrap());
+                    attention_probs(&t[0], 0.125, bias.as_ref()).unwrap()
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_ops() {
         check(
-            &[random(&[2, 3, 6, 8], 6)],
-            |t| {
-                let dtype = t[0].dtype();
-                rope(&t[0], &cos.to_dtype(dtype).unwrap(), &sin.to_dtype(dtype).unwrap()).unwrap()
-            },
-            1e-5,
-        );
-        let (cos, sin) =
-            (random(&[2, 1, 6, 8], 7).cos().unwrap(), random(&[2, 1, 6, 8], 8).sin().unwrap());
-        check(
-            &[random(&[2, 3, 6, 8], 9)],
-            |t| {
-                let dtype = t[0].dtype();
-                rope(&t[0], &cos.to_dtype(dtype).unwrap(), &sin.to_dtype(dtype).unwrap()).unwrap()
-            },
+            &[random(&[3, 7, 11], 15), random(&[3, 7, 11], 16)],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
             1e-5,
         );
     }
@@ -649,6 +1199,48 @@ mod tests {
         let bad = Tensor::new(&[3u32, 0, 10, 4], &Device::Cpu).unwrap();
         let err = weighted_nll(&random(&[4, 10], 10), &bad, &weights).unwrap_err();
         assert!(err.to_string().contains("label 10"), "{err}");
+    }
+
+    #[test]
+    fn head_nll_matches_the_projection_then_weighted_nll() {
+        // 70 rows: more than one block, with unscored rows among them.
+        let (rows, hidden, vocab) = (70, 6, 11);
+        let w = random(&[vocab, hidden], 50);
+        let labels: Vec<u32> = (0..rows).map(|r| (r * 7 % vocab) as u32).collect();
+        let weights: Vec<f32> =
+            (0..rows).map(|r| if r % 5 == 0 { 0.0 } else { 1.0 + (r % 3) as f32 }).collect();
+        let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+        let weights = Tensor::new(weights.as_slice(), &Device::Cpu).unwrap();
+        check(
+            &[random(&[rows, hidden], 51)],
+            |t| {
+                let w = w.to_dtype(t[0].dtype()).unwrap();
+                let weights = weights.to_dtype(t[0].dtype()).unwrap();
+                let loss = head_nll(&t[0], &w, &labels, &weights).unwrap();
+                // A non-trivial upstream gradient for the backward pass.
+                (loss * 0.75).unwrap()
+            },
+            1e-3,
+        );
+    }
+
+    #[test]
+    fn the_vectorised_exp_is_within_four_ulp_of_the_exact_one() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * f64::from(i) / 200_000.0;
+            let got = f64::from(exp(x as f32));
+            let want = (x as f32 as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 4.0 * f64::from(f32::EPSILON), "relative error {worst:e}");
+        assert_eq!(exp(-1e9), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+        let mut row = vec![0.5f32, -3.0, 2.0, -1e9, 1.0, 0.0, 7.5, -2.5, 3.25, 0.125];
+        let want: f32 = row.iter().map(|x| (x - 7.5f32).exp()).sum();
+        let sum = exp_shifted(&mut row, 7.5);
+        assert!((sum - want).abs() < 1e-6 * want, "{sum} vs {want}");
+        assert_eq!(row[3], 0.0);
     }
 
     #[test]
@@ -666,6 +1258,19 @@ mod tests {
             .broadcast_matmul(&w)
             .unwrap();
         assert!(max_diff(dx, &expected) < 1e-6);
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_ops() {
+        let w = random(&[6, 5], 20);
+        check(
+            &[random(&[2, 3, 5], 21), random(&[4, 5], 22), random(&[6, 4], 23)],
+            |t| {
+                let w = w.to_dtype(t[0].dtype()).unwrap();
+                lora_linear(&t[0], &w, &t[1], &t[2], 0.5).unwrap()
+            },
+            1e-5,
+        );
     }
 
     #[test]
