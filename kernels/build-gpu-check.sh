@@ -12,22 +12,23 @@
 #
 #   kernels/build-gpu-check.sh          # from the repository root
 set -eo pipefail
-root=$(git rev-parse --show-toplevel)
-cd "$root"
-source "$root/../shared/gpu/build-cuda.sh" "$root/.cuda"
+repo=$(git rev-parse --show-toplevel)
+cd "$repo"
+# build-cuda.sh sets its own `root` (the toolkit), so this script says `repo`.
+source "$repo/../shared/gpu/build-cuda.sh" "$repo/.cuda"
 set -e # build-cuda.sh ends with `set +e`
-export CARGO_TARGET_DIR=$root/.cuda/target
+export CARGO_TARGET_DIR=$repo/.cuda/target
 features=(--release --no-default-features --features cuda)
 cargo build "${features[@]}" --bin watchfire
 test_exe=$(cargo test "${features[@]}" --test kernels --no-run 2>&1 \
   | tee /dev/stderr | grep -oE '\(([^)]*/deps/kernels-[0-9a-f]+)\)' | tr -d '()' | tail -n 1)
-carry=$root/.cuda/carry
+carry=$repo/.cuda/carry
 mkdir -p "$carry"
 for pair in "watchfire:$CARGO_TARGET_DIR/release/watchfire" "kernels-test:$test_exe"; do
   strip -o "$carry/${pair%%:*}" "${pair#*:}"
   gzip -f -6 "$carry/${pair%%:*}"
 done
-cp "$root/../shared/gpu/device-env.sh" "$carry/"
+cp "$repo/../shared/gpu/device-env.sh" "$carry/"
 dirty=$(git status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
 echo "$(git rev-parse HEAD)$dirty" >"$carry/COMMIT"
 du -sh "$carry"/*

@@ -8,8 +8,8 @@
 //! device answers. Every run draws fresh random inputs, and on CUDA every
 //! buffer a kernel must overwrite starts as NaN. On the CPU, the reference
 //! itself is checked against per-head LoRA composed the way `adapt::lora`
-//! does it (full-size adapters from explicit 0/1 head masks, candle's
-//! autograd for the gradients).
+//! does it (full-size adapters from explicit 0/1 head masks), in plain candle
+//! ops and with `ops::lora_linear`, gradients included.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{RngExt, SeedableRng};
@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use watchfire::model::lora_kernels::{
     Grads, Selection, backward, forward, reference_backward, reference_forward,
 };
+use watchfire::model::ops;
 
 /// Which side of the projection the adapter is restricted to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -213,8 +214,9 @@ fn check_device(device: &Device, dtype: DType, case: &Case, seed: u64) -> Result
 
 /// The reference against per-head LoRA as `adapt::lora` composes it: the
 /// compact adapter scattered into full-size `A` and `B` by explicit 0/1 head
-/// masks, `x W^T + s (x A^T) B^T` in plain candle ops, gradients by candle's
-/// autograd (restricted to the selected heads' entries).
+/// masks, then `x W^T + s (x A^T) B^T` both in plain candle ops and with
+/// `ops::lora_linear` (the training path's fused CPU op), gradients by
+/// candle's autograd through the masks.
 fn check_reference(case: &Case, seed: u64) -> Result<()> {
     let inp = inputs(case, seed)?;
     let mask = |index: &Option<Tensor>, features: usize| -> Result<Option<Tensor>> {
@@ -242,6 +244,16 @@ fn check_reference(case: &Case, seed: u64) -> Result<()> {
     let what = |t: &str| format!("{t}: masked composition vs reference, {case:?}");
     let tol = tolerance(DType::F32);
     assert_close(&what("y"), &y, &want_y, tol)?;
+    assert_close(&what("dx"), &grad(&x), &want.dx, tol)?;
+    assert_close(&what("dA"), &grad(&a), &want.da, tol)?;
+    assert_close(&what("dB"), &grad(&b), &want.db, tol)?;
+
+    // The training path's fused CPU op on the same full-size adapter.
+    let fused = ops::lora_linear(x.as_tensor(), &inp.w, &a_full, &b_full, case.scale)?;
+    let grads = (fused.clone() * &inp.g)?.sum_all()?.backward()?;
+    let grad = |v: &Var| grads.get(v.as_tensor()).cloned().expect("a gradient");
+    let what = |t: &str| format!("{t}: ops::lora_linear vs reference, {case:?}");
+    assert_close(&what("y"), &fused, &want_y, tol)?;
     assert_close(&what("dx"), &grad(&x), &want.dx, tol)?;
     assert_close(&what("dA"), &grad(&a), &want.da, tol)?;
     assert_close(&what("dB"), &grad(&b), &want.db, tol)?;
