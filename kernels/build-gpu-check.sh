@@ -10,7 +10,13 @@
 #   device-env.sh   from ../shared/gpu: points the loader at the GPU machine's CUDA libraries
 #   COMMIT          the commit and whether the tree had changes
 #
-#   kernels/build-gpu-check.sh          # from the repository root
+#   kernels/build-gpu-check.sh [--with-nvrtc]   # from the repository root
+#
+# --with-nvrtc also carries this toolkit's NVRTC (13.0.88, about 45 MB
+# gzipped; the carry then totals about 57 MB), which gpu-check.sh puts first
+# on the loader path: for when the GPU machine's own NVRTC turns out newer
+# than its 13.0 driver and the driver rejects the PTX it emits
+# (CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
 set -eo pipefail
 repo=$(git rev-parse --show-toplevel)
 cd "$repo"
@@ -29,6 +35,14 @@ for pair in "watchfire:$CARGO_TARGET_DIR/release/watchfire" "kernels-test:$test_
   gzip -f -6 "$carry/${pair%%:*}"
 done
 cp "$repo/../shared/gpu/device-env.sh" "$carry/"
+rm -rf "$carry/nvrtc"
+if [[ ${1:-} == --with-nvrtc ]]; then
+  mkdir -p "$carry/nvrtc"
+  for lib in libnvrtc.so.13 libnvrtc-builtins.so.13.0; do
+    gzip -6 -c "$CUDA_ROOT/lib/$lib" >"$carry/nvrtc/$lib.gz"
+  done
+fi
 dirty=$(git status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
 echo "$(git rev-parse HEAD)$dirty" >"$carry/COMMIT"
 du -sh "$carry"/*
+du -sh "$carry"

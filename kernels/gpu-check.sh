@@ -15,11 +15,23 @@ bin=$(mktemp -d)
 for exe in watchfire kernels-test; do
   gzip -dc "$dir/$exe.gz" >"$bin/$exe" && chmod +x "$bin/$exe"
 done
+# The toolkit's own NVRTC, when the carry has it (build-gpu-check.sh --with-nvrtc).
+if [[ -d $dir/nvrtc ]]; then
+  mkdir -p "$bin/lib"
+  for lib in "$dir"/nvrtc/*.gz; do
+    gzip -dc "$lib" >"$bin/lib/$(basename "$lib" .gz)"
+  done
+  export LD_LIBRARY_PATH=$bin/lib:$LD_LIBRARY_PATH
+fi
+# Here a missing device is a failure, not a skipped half.
+export WATCHFIRE_REQUIRE_CUDA=1
 status=0
 {
   echo "# kernels GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(cat "$dir/COMMIT")"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  echo "loader path: $LD_LIBRARY_PATH"
+  ldd "$bin/watchfire" | grep -E "libcuda|nvrtc|cublas|curand|cudart|not found" || true
   echo
   echo "## tests/kernels.rs"
   "$bin/kernels-test" --nocapture --test-threads=1 || status=1
