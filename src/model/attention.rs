@@ -116,7 +116,7 @@ struct Attention {
 
 /// A strided read-only matrix inside a slice.
 #[derive(Clone, Copy)]
-pub(super) struct View<'a> {
+pub(crate) struct View<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -126,11 +126,11 @@ pub(super) struct View<'a> {
 
 impl<'a> View<'a> {
     /// A row-major `rows x cols` block starting at `data[0]`.
-    pub(super) fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub(crate) fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self { data, rows, cols, row_stride: cols, col_stride: 1 }
     }
 
-    pub(super) fn t(self) -> Self {
+    pub(crate) fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -149,9 +149,17 @@ impl<'a> View<'a> {
     }
 }
 
-/// `dst = a b` (or `dst += a b` with `accumulate`) on this thread, for a
-/// row-major `dst` with row stride `dst_stride`.
-pub(super) fn matmul(dst: &mut [f32], dst_stride: usize, a: View, b: View, accumulate: bool) {
+/// `dst = a b` (or `dst += a b` with `accumulate`) for a row-major `dst`
+/// with row stride `dst_stride`: on this thread, or (`parallel`) across the
+/// thread pool.
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    dst_stride: usize,
+    a: View,
+    b: View,
+    accumulate: bool,
+    parallel: bool,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert_eq!(b.rows, k, "inner dimensions");
     assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "operand out of bounds");
@@ -178,7 +186,11 @@ pub(super) fn matmul(dst: &mut [f32], dst_stride: usize, a: View, b: View, accum
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if parallel {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -244,7 +256,7 @@ impl CustomOp3 for Attention {
                     let q_at = (b * heads + h) * seq * dim;
                     let q = View::rows(&q[q_at..q_at + seq * dim], seq, dim);
                     let p = &mut probs[g * seq * keys..(g + 1) * seq * keys];
-                    matmul(p, keys, q, k.t(), false);
+                    matmul(p, keys, q, k.t(), false, false);
                     for (i, row) in p.chunks_mut(keys).enumerate() {
                         row.iter_mut().for_each(|x| *x *= self.scale);
                         if let Some(bias) = self.bias_row(b, i) {
@@ -253,7 +265,7 @@ impl CustomOp3 for Attention {
                         super::ops::softmax_in_place(row);
                     }
                     let p = View::rows(p, seq, keys);
-                    matmul(&mut out[g * seq * dim..(g + 1) * seq * dim], dim, p, v, false);
+                    matmul(&mut out[g * seq * dim..(g + 1) * seq * dim], dim, p, v, false, false);
                 }
                 out
             })
@@ -318,8 +330,8 @@ impl CustomOp3 for Attention {
                         row_stride: width,
                         col_stride: 1,
                     };
-                    matmul(dv, dim, p.t(), grad, g > 0);
-                    matmul(&mut ds, keys, grad, v.t(), false);
+                    matmul(dv, dim, p.t(), grad, g > 0, false);
+                    matmul(&mut ds, keys, grad, v.t(), false, false);
                     for (row, p) in ds.chunks_mut(keys).zip(p.data.chunks(keys)) {
                         let dot: f32 = row.iter().zip(p).map(|(d, p)| d * p).sum();
                         row.iter_mut().zip(p).for_each(|(d, p)| *d = self.scale * p * (*d - dot));
@@ -327,8 +339,8 @@ impl CustomOp3 for Attention {
                     let q_at = (b * heads + h) * seq * dim;
                     let q = View::rows(&qd[q_at..q_at + seq * dim], seq, dim);
                     let s = View::rows(&ds, seq, keys);
-                    matmul(&mut dq[g * seq * dim..(g + 1) * seq * dim], dim, s, k, false);
-                    matmul(dk, dim, s.t(), q, g > 0);
+                    matmul(&mut dq[g * seq * dim..(g + 1) * seq * dim], dim, s, k, false, false);
+                    matmul(dk, dim, s.t(), q, g > 0, false);
                 }
             });
         let device = q.device();

@@ -38,6 +38,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::attention::{View, matmul};
+
 /// Rows per parallel work item: enough to amortise scheduling, few enough
 /// to balance two to sixteen threads.
 const ROW_BLOCK: usize = 16;
@@ -942,10 +944,10 @@ impl CustomOp3 for WeightedNllGrad {
     }
 }
 
-/// Rows of the vocabulary projection per work item of [`head_nll`]: a
-/// `[64, vocab]` block of logits (12 MiB for a 49,152-token vocabulary) is
-/// the most that exists at once per thread.
-const HEAD_ROWS: usize = 64;
+/// Rows of the vocabulary projection per block of [`head_nll`]: a `[256,
+/// vocab]` block of logits (48 MiB for a 49,152-token vocabulary) is the
+/// most that exists at once.
+const HEAD_ROWS: usize = 256;
 
 /// `weighted_nll(x W^T, labels, weights)` for `x` `[rows, hidden]` and the
 /// vocabulary projection `W` `[vocab, hidden]`. When `W` is frozen (LoRA
@@ -1013,21 +1015,22 @@ impl CustomOp3 for HeadNll {
         let w = f32_data(w, w_layout, "head-nll weight")?;
         let vocab = w.len() / hidden;
         let scored: Vec<usize> = (0..rows).filter(|&r| weights[r] != 0.0).collect();
-        // Per block: the rows' losses, and their `dx` rows when asked for.
-        let blocks: Vec<(Vec<f32>, Vec<f32>)> = scored
-            .par_chunks(HEAD_ROWS)
-            .map(|block| {
-                let n = block.len();
-                let mut xs = Vec::with_capacity(n * hidden);
-                for &r in block {
-                    xs.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
-                }
-                let mut logits = vec![0f32; n * vocab];
-                let wt = super::attention::View::rows(w, vocab, hidden).t();
-                let xs_view = super::attention::View::rows(&xs, n, hidden);
-                super::attention::matmul(&mut logits, vocab, xs_view, wt, false);
-                let mut losses = Vec::with_capacity(n);
-                for (row, &r) in logits.chunks_mut(vocab).zip(block) {
+        let mut losses = Vec::with_capacity(scored.len());
+        let mut dx = if self.grad { vec![0f32; rows * hidden] } else { Vec::new() };
+        let (wv, wt) = (View::rows(w, vocab, hidden), View::rows(w, vocab, hidden).t());
+        // A block at a time, each matmul across the thread pool (so `W` is
+        // packed once per block, not once per thread), the rows' losses and
+        // probabilities in parallel in between.
+        for block in scored.chunks(HEAD_ROWS) {
+            let n = block.len();
+            let xs: Vec<f32> =
+                block.iter().flat_map(|&r| &x[r * hidden..(r + 1) * hidden]).copied().collect();
+            let mut logits = vec![0f32; n * vocab];
+            matmul(&mut logits, vocab, View::rows(&xs, n, hidden), wt, false, true);
+            let block_losses: Vec<f32> = logits
+                .par_chunks_mut(vocab)
+                .zip(block.par_iter())
+                .map(|(row, &r)| {
                     let (label, weight) = (labels[r] as usize, weights[r]);
                     let picked = row[label];
                     // One exp per logit: the row becomes exp(l - max), its
@@ -1035,32 +1038,26 @@ impl CustomOp3 for HeadNll {
                     // wanted) one scaling turns it into the probabilities.
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let sum = exp_shifted(row, max);
-                    losses.push(weight * (max + sum.ln() - picked));
                     if self.grad {
                         let k = weight / sum;
                         row.iter_mut().for_each(|l| *l *= k);
                         row[label] -= weight;
                     }
-                }
-                let mut dx = Vec::new();
-                if self.grad {
-                    dx = vec![0f32; n * hidden];
-                    let dlogits = super::attention::View::rows(&logits, n, vocab);
-                    let wv = super::attention::View::rows(w, vocab, hidden);
-                    super::attention::matmul(&mut dx, hidden, dlogits, wv, false);
-                }
-                (losses, dx)
-            })
-            .collect();
-        // Summed in row order, so the result does not depend on threads.
-        let total: f32 = blocks.iter().flat_map(|(losses, _)| losses).sum();
-        if self.grad {
-            let mut dx = vec![0f32; rows * hidden];
-            for (block, (_, rows_dx)) in scored.chunks(HEAD_ROWS).zip(&blocks) {
-                for (&r, d) in block.iter().zip(rows_dx.chunks(hidden)) {
+                    weight * (max + sum.ln() - picked)
+                })
+                .collect();
+            losses.extend(block_losses);
+            if self.grad {
+                let mut block_dx = vec![0f32; n * hidden];
+                matmul(&mut block_dx, hidden, View::rows(&logits, n, vocab), wv, false, true);
+                for (&r, d) in block.iter().zip(block_dx.chunks(hidden)) {
                     dx[r * hidden..(r + 1) * hidden].copy_from_slice(d);
                 }
             }
+        }
+        // Summed in row order, so the result does not depend on threads.
+        let total: f32 = losses.iter().sum();
+        if self.grad {
             *self.dx.lock().expect("head-nll lock") = Some(dx);
         }
         Ok((CpuStorage::F32(vec![total]), Shape::from(())))
