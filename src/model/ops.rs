@@ -1082,12 +1082,13 @@ impl CustomOp3 for HeadNll {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    /// A tensor of uniform values in [-2, 2) from `seed`.
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         use rand::{RngExt, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n = shape.iter().product();
@@ -1095,7 +1096,7 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
