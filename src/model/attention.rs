@@ -43,6 +43,7 @@ pub fn attention(
         candle_core::bail!("attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
     }
     let fast = q.device().is_cpu()
+        && [batch, seq, keys, dim].iter().all(|&n| n > 0)
         && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
         && bias.is_none_or(|b| b.dtype() == DType::F32);
     if fast {
@@ -164,8 +165,11 @@ pub(crate) fn matmul(
     assert_eq!(b.rows, k, "inner dimensions");
     assert!(a.extent() <= a.data.len() && b.extent() <= b.data.len(), "operand out of bounds");
     assert!(m == 0 || n == 0 || (m - 1) * dst_stride + n <= dst.len(), "output out of bounds");
+    // Rows that overlapped would be written by several threads at once.
+    assert!(m <= 1 || n <= dst_stride, "output rows overlap");
     // SAFETY: the asserts above keep every index gemm touches inside the
-    // three slices; `dst` is borrowed mutably, so it aliases neither operand.
+    // three slices, with rows apart; `dst` is borrowed mutably, so it
+    // aliases neither operand.
     unsafe {
         gemm::gemm(
             m,

@@ -17,7 +17,7 @@
 //!   in one pass): the backward `y * (g - sum(g * y))` in one pass too;
 //! - [`rms_norm`]: `x / rms(x) * w`, with `dx` and (only when `w` trains) `dw`;
 //! - [`rope_heads`]: the split into heads and the `rotate_half` rotation
-//!   in one pass; its backward is the inverse rotation;
+//!   in one pass; its backward is the rotation's transpose;
 //! - [`swiglu`]: `silu(gate) * up`, the MLP's gate;
 //! - [`weighted_nll`]: summed, weighted negative log-likelihood straight
 //!   from logits, without the `[rows, vocab]` log-softmax tensors;
@@ -28,8 +28,10 @@
 //! Attention itself is one op too, in [`super::attention`].
 //!
 //! Each falls back to the composed candle ops off the CPU or for dtypes
-//! other than f32, so results never depend on which path ran except through
-//! rounding. Work is split by rows, and every reduction across rows runs in
+//! other than f32. Both paths compute the same function for the inputs the
+//! model gives them (a mask is a constant and gets no gradient; a row of
+//! weight 0 contributes nothing to a loss, even with non-finite logits on
+//! the fused path), so results differ only by rounding. Work is split by rows, and every reduction across rows runs in
 //! a fixed order, so the bytes do not depend on the number of threads.
 
 use candle_core::backend::BackendStorage;
@@ -389,8 +391,9 @@ fn exp_shifted_body(xs: &mut [f32], shift: f32) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// `e^x` within a few ulp of `f32::exp` for `x` in [-87, 88]; below that it
-/// flushes to 0 (masked attention scores land there), above it saturates.
+/// `e^x` within a few ulp of `f32::exp` for `x` in [-87, 88]; from about
+/// -87.7 down it is 0 (masked attention scores land there), above 88 it
+/// saturates.
 /// `e^x = 2^n e^r` with `n = round(x / ln 2)` and `|r| <= ln(2) / 2`, `e^r`
 /// by its degree-7 Taylor polynomial (truncation error below 6e-9).
 #[inline(always)]
@@ -618,6 +621,9 @@ impl CustomOp3 for RmsNormGrad {
 /// path the head split and the rotation are one pass.
 pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (batch, seq, width) = x.dims3()?;
+    if heads == 0 || width % heads != 0 || (width / heads) % 2 != 0 {
+        candle_core::bail!("rope: width {width} does not split into {heads} even-sized heads");
+    }
     let dim = width / heads;
     if fast_path(x) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
         let per_row = match (cos.dims(), sin.dims()) {
@@ -963,7 +969,8 @@ pub fn head_nll(x: &Tensor, w: &Tensor, labels: &Tensor, weights: &Tensor) -> Re
     if let Some(&bad) = label_values.iter().find(|&&l| l as usize >= vocab) {
         candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
     }
-    if fast_path(x) && w.dtype() == DType::F32 && !w.track_op() {
+    let frozen_f32 = w.dtype() == DType::F32 && !w.track_op() && w.is_contiguous();
+    if fast_path(x) && frozen_f32 && w.dims() == [vocab, x.dim(D::Minus1)?] && x.rank() == 2 {
         let op = HeadNll { w: w.clone(), grad: x.track_op(), dx: std::sync::Mutex::new(None) };
         return x.contiguous()?.apply_op3(
             &labels.contiguous()?,
@@ -1071,6 +1078,10 @@ impl CustomOp3 for HeadNll {
         _loss: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !self.grad {
+            // Only the labels or weights track: neither gets a gradient.
+            return Ok((None, None, None));
+        }
         let guard = self.dx.lock().expect("head-nll lock");
         let Some(dx) = guard.as_ref() else {
             candle_core::bail!("head-nll: backward through a forward pass that kept no gradient")
