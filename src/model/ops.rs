@@ -621,7 +621,7 @@ impl CustomOp3 for RmsNormGrad {
 /// path the head split and the rotation are one pass.
 pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (batch, seq, width) = x.dims3()?;
-    if heads == 0 || width % heads != 0 || (width / heads) % 2 != 0 {
+    if heads == 0 || width % heads != 0 || !(width / heads).is_multiple_of(2) {
         candle_core::bail!("rope: width {width} does not split into {heads} even-sized heads");
     }
     let dim = width / heads;
