@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::ops::attention_probs;
+use super::ops::{attention_probs, f32_data};
 
 /// `softmax(q k^T * scale + bias) v` for `q` `[b, heads, seq, d]`, `k` and
 /// `v` `[b, kv_heads, keys, d]` (query head `h` reads key/value head
@@ -199,18 +199,11 @@ pub(crate) fn matmul(
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("attention: expected contiguous f32"),
-    }
-}
-
 fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(cpu) => Ok(f32_slice(cpu, layout)?.to_vec()),
+        Storage::Cpu(cpu) => Ok(f32_data(cpu, layout, "attention")?.to_vec()),
         _ => candle_core::bail!("attention: expected a CPU tensor"),
     }
 }
@@ -242,7 +235,9 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let Dims { batch, heads, kv_heads, seq, keys, dim } = self.shape;
         let group = self.shape.group();
-        let (q, k, v) = (f32_slice(q, q_layout)?, f32_slice(k, k_layout)?, f32_slice(v, v_layout)?);
+        let q = f32_data(q, q_layout, "attention q")?;
+        let k = f32_data(k, k_layout, "attention k")?;
+        let v = f32_data(v, v_layout, "attention v")?;
         let mut probs = vec![0f32; batch * heads * seq * keys];
         // One item per (batch row, key/value head): its query heads'
         // probabilities are one contiguous block, its outputs a local buffer.

@@ -54,7 +54,11 @@ fn fast_path(x: &Tensor) -> bool {
 }
 
 /// The contiguous f32 data behind a storage and layout.
-fn f32_data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_data<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("{what}: expected f32, got {:?}", storage.dtype())
     };
@@ -838,10 +842,7 @@ impl CustomOp3 for SwiGluGrad {
 /// `[rows]`. Rows of weight 0 cost nothing and get a zero gradient. The
 /// log-softmax is computed in f32.
 pub fn weighted_nll(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let vocab = logits.dim(D::Minus1)?;
-    if let Some(&bad) = labels.to_vec1::<u32>()?.iter().find(|&&l| l as usize >= vocab) {
-        candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
-    }
+    check_labels(labels, logits.dim(D::Minus1)?)?;
     if fast_path(logits) {
         return logits.contiguous()?.apply_op3(
             &labels.contiguous()?,
@@ -856,6 +857,15 @@ pub fn weighted_nll(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Resul
     let log_probs = shifted.broadcast_sub(&log_sum)?;
     let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?;
     (picked * weights.to_dtype(DType::F32)?)?.sum_all()?.neg()
+}
+
+/// Every label (u32) must name a token of the vocabulary: the losses index
+/// rows of logits with them.
+fn check_labels(labels: &Tensor, vocab: usize) -> Result<()> {
+    if let Some(&bad) = labels.to_vec1::<u32>()?.iter().find(|&&l| l as usize >= vocab) {
+        candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(())
 }
 
 /// `log sum exp` of a row, and the row's max.
@@ -965,12 +975,10 @@ const HEAD_ROWS: usize = 256;
 /// in instruction tuning that is every prompt position.
 pub fn head_nll(x: &Tensor, w: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let vocab = w.dim(0)?;
-    let label_values = labels.to_vec1::<u32>()?;
-    if let Some(&bad) = label_values.iter().find(|&&l| l as usize >= vocab) {
-        candle_core::bail!("label {bad} is outside the vocabulary of {vocab}");
-    }
     let frozen_f32 = w.dtype() == DType::F32 && !w.track_op() && w.is_contiguous();
     if fast_path(x) && frozen_f32 && w.dims() == [vocab, x.dim(D::Minus1)?] && x.rank() == 2 {
+        // The fallback's `weighted_nll` checks the labels itself.
+        check_labels(labels, vocab)?;
         let op = HeadNll { w: w.clone(), grad: x.track_op(), dx: std::sync::Mutex::new(None) };
         return x.contiguous()?.apply_op3(
             &labels.contiguous()?,
